@@ -1,0 +1,205 @@
+"""Data sets: an image folder (``train/<class>/*.jpg`` + ``test/`` or ``val/``) and named sets.
+
+A data set is a list of splits; each split holds either image file paths (decoded lazily by the
+tf.data pipeline) or an in-memory uint8 array, plus integer labels. Class names come from the
+folder names, sorted, and travel with the model in its :class:`PreprocessSpec`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.errors import DataError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+HELD_OUT_NAMES = ("test", "val", "validation")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: labels plus either ``files`` (paths) or ``images`` (uint8 N x H x W x 3)."""
+
+    labels: np.ndarray
+    files: np.ndarray | None = None
+    images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> Split:
+        """The rows at ``indices``, in that order."""
+        pick = (lambda a: None if a is None else a[indices])
+        return Split(labels=self.labels[indices], files=pick(self.files), images=pick(self.images))
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A data set of labelled RGB images with train, validation and held-out test splits."""
+
+    name: str
+    class_names: tuple[str, ...]
+    train: Split
+    test: Split
+    val: Split | None = None
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict:
+        """Counts per split and class, for the manifest."""
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "class_names": list(self.class_names),
+            "counts": {k: s.class_counts(self.num_classes) for k, s in splits.items() if s is not None},
+        }
+
+
+def image_folder(root: str | Path, *, name: str | None = None) -> ImageDataset:
+    """Read an image folder laid out as ``train/<class>/*`` with ``test/`` (or ``val/``) beside it.
+
+    Raises:
+        DataError: the folder is missing, has no ``train/``, a class folder has no images, or the
+            held-out split's classes differ from the training classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass --data with a folder holding train/<class>/ images")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{root}: no train/ folder; expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+    class_names = _class_folders(train_dir)
+    train = _scan_split(train_dir, class_names)
+    held_out_dir = next((root / n for n in HELD_OUT_NAMES if (root / n).is_dir()), None)
+    if held_out_dir is None:
+        raise DataError(f"{root}: no test/ or val/ folder beside train/; add one with the same class folders")
+    if _class_folders(held_out_dir) != class_names:
+        raise DataError(
+            f"{held_out_dir}: class folders {_class_folders(held_out_dir)} differ from train/'s {list(class_names)}; "
+            "both splits need the same classes"
+        )
+    test = _scan_split(held_out_dir, class_names)
+    return ImageDataset(name or root.name, class_names, train, test, source=str(root.resolve()))
+
+
+def _class_folders(split_dir: Path) -> tuple[str, ...]:
+    names = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if not names:
+        raise DataError(f"{split_dir}: no class folders; put each class's images in {split_dir}/<class>/")
+    if len(names) < 2:
+        raise DataError(f"{split_dir}: only one class folder ({names[0]}); a classifier needs at least two")
+    return names
+
+
+def _scan_split(split_dir: Path, class_names: tuple[str, ...]) -> Split:
+    files, labels = [], []
+    for index, class_name in enumerate(class_names):
+        found = sorted(
+            str(p) for p in (split_dir / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not found:
+            raise DataError(
+                f"{split_dir / class_name}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "add images or remove the folder"
+            )
+        files += found
+        labels += [index] * len(found)
+    return Split(labels=np.asarray(labels, dtype=np.int64), files=np.asarray(files))
+
+
+def digits(*, seed: int = 0, test_fraction: float = 0.2) -> ImageDataset:
+    """scikit-learn's bundled 1,797 handwritten 8x8 digits as 0..255 RGB images (no network needed)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(gray[..., None], 3, axis=-1)
+    labels = bunch.target.astype(np.int64)
+    whole = Split(labels=labels, images=images)
+    train_idx, test_idx = stratified_split(labels, test_fraction, seed)
+    names = tuple(str(i) for i in range(10))
+    return ImageDataset("digits", names, whole.take(train_idx), whole.take(test_idx), source="sklearn.datasets.load_digits")
+
+
+def cifar10_download() -> ImageDataset:
+    """CIFAR-10 through Keras's downloader (needs a network the first time; cached in ~/.keras/datasets)."""
+    from edgesmith._keras import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as exc:  # network errors come in many types
+        raise DataError(
+            f"could not download CIFAR-10 ({type(exc).__name__}: {exc}); pass --data with a local "
+            "cifar10 folder (train/<class>/*.jpg) instead"
+        ) from None
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    train = Split(labels=y_train.ravel().astype(np.int64), images=x_train)
+    test = Split(labels=y_test.ravel().astype(np.int64), images=x_test)
+    return ImageDataset("cifar10", names, train, test, source="keras.datasets.cifar10")
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held_out) with ``fraction`` of every class held out, seeded."""
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        cut = int(round(len(idx) * fraction))
+        held.append(idx[:cut])
+        kept.append(idx[cut:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def limit_per_class(split: Split, limit: int, seed: int) -> Split:
+    """A stratified subset with at most ``limit`` rows per class (0 keeps everything)."""
+    if limit <= 0:
+        return split
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(split.labels == c))[:limit] for c in np.unique(split.labels)]
+    return split.take(np.sort(np.concatenate(picks)))
+
+
+def with_validation(dataset: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """Carve a stratified validation split out of train (unless the data set already has one)."""
+    if dataset.val is not None or fraction <= 0:
+        return dataset
+    kept, held = stratified_split(dataset.train.labels, fraction, seed)
+    return replace(dataset, train=dataset.train.take(kept), val=dataset.train.take(held))
+
+
+def load_dataset(config, *, seed: int, data_path: str | Path | None = None) -> ImageDataset:
+    """Load the data set a recipe's ``[data]`` section names, subset and split as configured.
+
+    Args:
+        config: a :class:`edgesmith.recipe.DataConfig`.
+        seed: seeds the validation split and subsets.
+        data_path: overrides ``config.path`` (the CLI's ``--data``).
+    """
+    path = data_path or config.path
+    if config.dataset == "digits":
+        dataset = digits(seed=seed)
+    elif path:
+        dataset = image_folder(path, name=config.dataset if config.dataset != "folder" else None)
+    elif config.dataset == "cifar10":
+        dataset = cifar10_download()
+    else:
+        raise DataError("data.dataset = 'folder' needs a path: set data.path in the recipe or pass --data")
+    dataset = replace(
+        dataset,
+        train=limit_per_class(dataset.train, config.limit_per_class, seed),
+        test=limit_per_class(dataset.test, config.test_limit_per_class, seed),
+    )
+    dataset = with_validation(dataset, config.val_fraction, seed)
+    log.info("data set %s: %s", dataset.name, {k: sum(v) for k, v in dataset.describe()["counts"].items()})
+    return dataset

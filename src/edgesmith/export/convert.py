@@ -1,0 +1,160 @@
+"""Converters: Keras -> TFLite (float32, float16, dynamic range, full int8) and Keras -> ONNX.
+
+Backends are imported lazily; :func:`export` lists the valid formats when given an unknown one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.data.spec import PreprocessSpec
+from edgesmith.errors import ExportValidationError, ModelError
+from edgesmith.export.validate import Validation, validate_artifact
+from edgesmith.recipe import ExportConfig
+from edgesmith.runs import atomic_path
+
+log = logging.getLogger(__name__)
+FLOAT_FORMATS = ("tflite-float32", "onnx-float32")
+
+
+@dataclass
+class ExportResult:
+    """One exported artifact and its validation against the source model."""
+
+    format: str
+    path: Path
+    bytes: int
+    seconds: float
+    validation: Validation | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "path": str(self.path),
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 1),
+            "validation": self.validation.to_dict() if self.validation else None,
+            "notes": self.notes,
+        }
+
+
+def _tflite_converter(model: Any) -> Any:
+    from edgesmith._keras import tf
+
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def _representative(calibration: np.ndarray | None) -> Callable[[], Iterator[list[np.ndarray]]]:
+    if calibration is None or not len(calibration):
+        raise ModelError("full-integer export needs calibration data (representative samples); none was given")
+
+    def samples() -> Iterator[list[np.ndarray]]:
+        for row in calibration:
+            yield [row[None].astype(np.float32)]
+
+    return samples
+
+
+def _convert_tflite(model: Any, mode: str, calibration: np.ndarray | None, quantized: bool) -> bytes:
+    from edgesmith._keras import tf
+
+    converter = _tflite_converter(model)
+    if mode != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode == "int8":
+        if not quantized:  # a QAT model carries its own ranges and needs no representative data
+            converter.representative_dataset = _representative(calibration)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def _tflite_exporter(mode: str) -> Callable[..., None]:
+    def write(model: Any, path: Path, cfg: ExportConfig, calibration: np.ndarray | None, quantized: bool) -> None:
+        path.write_bytes(_convert_tflite(model, mode, calibration, quantized))
+
+    return write
+
+
+def _write_onnx(model: Any, path: Path, cfg: ExportConfig, calibration: np.ndarray | None, quantized: bool) -> None:
+    import tf2onnx
+
+    from edgesmith._keras import tf
+
+    signature = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input"),)
+    tf2onnx.convert.from_keras(model, input_signature=signature, opset=cfg.onnx_opset, output_path=str(path))
+
+
+EXPORTERS: dict[str, Callable[..., None]] = {
+    "tflite-float32": _tflite_exporter("float32"),
+    "tflite-float16": _tflite_exporter("float16"),
+    "tflite-dynamic": _tflite_exporter("dynamic"),
+    "tflite-int8": _tflite_exporter("int8"),
+    "onnx-float32": _write_onnx,
+}
+SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
+
+
+def export(
+    model: Any,
+    fmt: str,
+    cfg: ExportConfig,
+    *,
+    spec: PreprocessSpec,
+    out_dir: str | Path,
+    name: str = "model",
+    calibration: np.ndarray | None = None,
+    validation_inputs: np.ndarray | None = None,
+    quantized: bool = False,
+) -> ExportResult:
+    """Export ``model`` to ``fmt``, write it atomically, and validate it against ``model``.
+
+    Args:
+        model: a Keras 2 model (float, pruned-and-stripped, or QAT).
+        fmt: one of :data:`EXPORTERS`.
+        cfg: validation tolerances and ONNX opset.
+        spec: the preprocessing spec, written next to the artifact.
+        out_dir: folder for ``<name>.<format>.<suffix>``.
+        calibration: preprocessed training samples for full-integer quantization.
+        validation_inputs: preprocessed held-out samples; None skips validation.
+        quantized: ``model`` is a QAT model (int8 export needs no calibration).
+
+    Raises:
+        ModelError: unknown format. ExportValidationError: the artifact disagrees with ``model``;
+        the failed file is kept under ``<name>.failed<suffix>`` for inspection.
+    """
+    if fmt not in EXPORTERS:
+        raise ModelError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORTERS)}")
+    out_dir = Path(out_dir)
+    path = out_dir / f"{name}{SUFFIXES[fmt.split('-')[0]]}"
+    started = time.perf_counter()
+    with atomic_path(path) as tmp:
+        EXPORTERS[fmt](model, tmp, cfg, calibration, quantized)
+    spec.save(out_dir)
+    result = ExportResult(fmt, path, path.stat().st_size, time.perf_counter() - started)
+    if validation_inputs is not None:
+        result.validation = _validate(model, path, fmt, cfg, validation_inputs)
+    log.info("exported %s (%s, %d bytes) in %.0f s", path.name, fmt, result.bytes, result.seconds)
+    return result
+
+
+def _validate(model: Any, path: Path, fmt: str, cfg: ExportConfig, inputs: np.ndarray) -> Validation:
+    exact = fmt in FLOAT_FORMATS
+    limit = cfg.max_abs_diff_float if exact else None
+    agreement = cfg.min_top1_agreement if exact or fmt == "tflite-float16" else cfg.min_top1_agreement_quantized
+    try:
+        return validate_artifact(model, path, inputs, max_abs_diff=limit, min_top1_agreement=agreement)
+    except ExportValidationError:
+        path.replace(path.with_suffix(f".failed{path.suffix}"))
+        raise

@@ -1,0 +1,189 @@
+"""Run directories: layout, manifest.json and atomic writes.
+
+A run directory explains itself: every stage records its resolved config, its inputs and outputs
+(with sha256) and its metrics in ``manifest.json``. Every file is written under a temporary name
+and renamed into place when complete, so an interrupted run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgesmith.errors import RunDirError
+
+MANIFEST = "manifest.json"
+STAGES = ("train", "optimize", "export", "bench")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (a folder hashes its files in sorted order)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    tmp_path.unlink()
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write JSON atomically (sorted keys are not forced: dict order is kept for readability)."""
+    return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: not found; run the stage that writes it first") from None
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage") from None
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class RunDir:
+    """A run directory and its manifest.
+
+    Args:
+        path: the folder.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, *, force: bool = False) -> RunDir:
+        """Create a new run directory; refuse to reuse one holding a manifest unless ``force``."""
+        run = cls(path)
+        if run.manifest_path.exists() and not force:
+            raise RunDirError(
+                f"{run.path} already holds a run; pass --force to overwrite it or --out to choose another folder"
+            )
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            probe = run.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"{run.path}: cannot write here ({exc.strerror}); choose another --out") from None
+        write_json(run.manifest_path, {"created": _now(), "stages": {}})
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """Open an existing run directory (one that holds a manifest)."""
+        run = cls(path)
+        if not run.manifest_path.is_file():
+            raise RunDirError(f"{run.path}: not a run directory (no {MANIFEST}); run `edgesmith run` or `train` first")
+        return run
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def stage_dir(self, stage: str) -> Path:
+        folder = self.path / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest_path)
+
+    def update_manifest(self, **fields: Any) -> None:
+        data = self.manifest()
+        data.update(fields)
+        write_json(self.manifest_path, data)
+
+    def record_stage(
+        self,
+        stage: str,
+        *,
+        config: Any,
+        inputs: dict[str, str | Path],
+        outputs: dict[str, str | Path],
+        metrics: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a finished stage: its config, inputs and outputs with sha256, and its metrics."""
+        entry = {
+            "finished": _now(),
+            "config": config,
+            "inputs": {k: self._describe_file(v) for k, v in inputs.items()},
+            "outputs": {k: self._describe_file(v) for k, v in outputs.items()},
+            "metrics": metrics or {},
+        }
+        data = self.manifest()
+        data.setdefault("stages", {})[stage] = entry
+        write_json(self.manifest_path, data)
+        return entry
+
+    def stage_output(self, stage: str, key: str) -> Path:
+        """Path of an output a finished stage recorded, e.g. ``stage_output("train", "model")``."""
+        stage_entry = self.manifest().get("stages", {}).get(stage)
+        if not stage_entry:
+            raise RunDirError(f"{self.path}: stage {stage!r} has not finished; run `edgesmith {stage}` first")
+        try:
+            return self.path / stage_entry["outputs"][key]["path"]
+        except KeyError:
+            raise RunDirError(
+                f"{self.path}: stage {stage!r} recorded no output {key!r} "
+                f"(it has: {', '.join(stage_entry['outputs'])})"
+            ) from None
+
+    def stage_outputs(self, stage: str) -> dict[str, Path]:
+        entry = self.manifest().get("stages", {}).get(stage, {})
+        return {k: self.path / v["path"] for k, v in entry.get("outputs", {}).items()}
+
+    def _describe_file(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        shown = os.path.relpath(path, self.path) if path.is_absolute() or path.exists() else str(path)
+        if not path.exists():
+            return {"path": shown}
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*"))
+        return {"path": shown, "bytes": size, "sha256": sha256_file(path)}

@@ -1,0 +1,212 @@
+"""Two-phase transfer learning with the frozen part of the network computed once.
+
+Phase 1 trains the head on a frozen ImageNet backbone; phase 2 unfreezes the top N backbone layers
+(BatchNormalization stays frozen, so it keeps running in inference mode) and trains on at a ten times
+lower learning rate. Everything below the lowest layer phase 2 trains is frozen in BOTH phases, so
+its output (the activations at the freeze boundary) is computed once, optionally for a mirrored copy
+of every image too, and both phases train only the small upper part on those cached activations.
+Early stopping watches validation accuracy and restores the best weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgesmith._keras import keras, tf
+from edgesmith.data.datasets import ImageDataset, Split
+from edgesmith.data.pipeline import make_pipeline
+from edgesmith.data.spec import PreprocessSpec
+from edgesmith.errors import ModelError
+from edgesmith.recipe import Recipe
+from edgesmith.zoo import build_classifier, head_start
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the fine-tuned model, its preprocessing spec and its history."""
+
+    model: keras.Model
+    spec: PreprocessSpec
+    history: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def train(data: ImageDataset, recipe: Recipe) -> TrainResult:
+    """Fine-tune the recipe's backbone on ``data``: frozen base + new head, then the top layers.
+
+    With ``model.weights = "none"`` there is nothing to transfer: the whole network trains in the
+    head phase and the fine-tune phase is skipped.
+
+    Args:
+        data: the data set; its ``val`` split drives early stopping (see ``with_validation``).
+        recipe: uses ``recipe.model``, ``recipe.train`` and ``recipe.seed``.
+    """
+    keras.utils.set_random_seed(recipe.seed)
+    mcfg, tcfg = recipe.model, recipe.train
+    model, spec = build_classifier(
+        mcfg.backbone,
+        num_classes=data.num_classes,
+        class_names=data.class_names,
+        input_size=mcfg.input_size,
+        weights=mcfg.weights,
+        pooling=mcfg.pooling,
+        dense_units=mcfg.dense_units,
+        dropout=mcfg.dropout,
+    )
+    base_end = head_start(model)
+    pretrained = mcfg.weights != "none"
+    set_trainable(model, range(base_end), not pretrained)  # random weights: train everything from scratch
+    started = time.perf_counter()
+    trainer = _CachedTrainer if tcfg.cache_features and pretrained else _PipelineTrainer
+    history = trainer(model, spec, data, recipe).run(base_end if pretrained else 0)
+    metrics = {
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "best_val_accuracy": max(history.get("finetune", history.get("head", {})).get("val_accuracy", [0.0])),
+        "params": int(model.count_params()),
+        "trainable_layers_phase2": len(unfrozen_indices(model, base_end, tcfg.unfreeze_layers)) if pretrained else 0,
+    }
+    return TrainResult(model=model, spec=spec, history=history, metrics=metrics)
+
+
+def set_trainable(model: keras.Model, indices: Any, trainable: bool) -> None:
+    for i in indices:
+        model.layers[i].trainable = trainable
+
+
+def unfrozen_indices(model: keras.Model, base_end: int, count: int) -> list[int]:
+    """Indices of the top ``count`` backbone layers that phase 2 trains (BatchNormalization excluded)."""
+    top = range(max(1, base_end - count), base_end)
+    return [i for i in top if not isinstance(model.layers[i], keras.layers.BatchNormalization) and model.layers[i].weights]
+
+
+def freeze_boundary(model: keras.Model, first_trained: int) -> tuple[int, keras.Model]:
+    """The deepest layer below ``first_trained`` whose output alone feeds the rest of the graph.
+
+    Returns its index and the upper model (that layer's output -> predictions), which shares weights
+    with ``model``. Graphs with skip connections (ResNet) are cut only between blocks.
+    """
+    for index in range(first_trained - 1, 0, -1):
+        try:
+            upper = keras.Model(model.layers[index].output, model.output, name="upper")
+        except ValueError:  # graph disconnected: a skip connection crosses this cut
+            continue
+        return index, upper
+    raise ModelError(f"{model.name}: no single-tensor cut below layer {first_trained}; set train.cache_features = false")
+
+
+def compile_for(model: keras.Model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def _callbacks(patience: int, phase: str) -> list[keras.callbacks.Callback]:
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", patience=patience, restore_best_weights=True, mode="max"
+        ),
+        EpochLogger(phase),
+    ]
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs one line per epoch (the CLI shows them); library code never prints."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items())
+        log.info("%s epoch %d: %s (%.0f s)", self.phase, epoch + 1, shown, time.perf_counter() - self._start)
+
+
+def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Reshuffled float32 batches gathered from one in-memory float16 copy of ``x`` (no per-epoch copies)."""
+    features, labels = tf.constant(x), tf.constant(y)
+    del x
+    order = tf.data.Dataset.range(len(y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    return (
+        order.batch(batch_size)
+        .map(lambda idx: (tf.cast(tf.gather(features, idx), tf.float32), tf.gather(labels, idx)))
+        .prefetch(2)
+    )
+
+
+class _PipelineTrainer:
+    """Trains the whole model on tf.data batches (no activation cache)."""
+
+    def __init__(self, model: keras.Model, spec: PreprocessSpec, data: ImageDataset, recipe: Recipe) -> None:
+        self.model, self.spec, self.data, self.recipe = model, spec, data, recipe
+        self.cfg = recipe.train
+
+    def run(self, base_end: int) -> dict[str, dict[str, list[float]]]:
+        trained, fit_data, val = self.prepare(base_end)
+        history = {}
+        phases = [("head", self.cfg.head_epochs, self.cfg.head_learning_rate, [])]
+        phases.append(("finetune", self.cfg.finetune_epochs, self.cfg.finetune_learning_rate,
+                       unfrozen_indices(self.model, base_end, self.cfg.unfreeze_layers)))
+        for phase, epochs, lr, unfreeze in phases:
+            if epochs <= 0 or (phase == "finetune" and not unfreeze):
+                continue
+            set_trainable(self.model, unfreeze, True)
+            compile_for(trained, lr)
+            log.info("phase %s: %d epochs at learning rate %g, %d trainable weights", phase, epochs, lr,
+                     len(trained.trainable_weights))
+            fit = trained.fit(**fit_data, epochs=epochs, validation_data=val,
+                              callbacks=_callbacks(self.cfg.patience, phase), verbose=0)
+            history[phase] = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+        return history
+
+    def prepare(self, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
+        seed = self.recipe.seed
+        train = make_pipeline(self.data.train, self.spec, batch_size=self.cfg.batch_size, shuffle_seed=seed,
+                              random_flip=self.recipe.data.mirror, cache=True)
+        val = make_pipeline(self._val_split(), self.spec, batch_size=self.cfg.batch_size, cache=True)
+        return self.model, {"x": train}, val
+
+    def _val_split(self) -> Split:
+        return self.data.val if self.data.val is not None else self.data.test
+
+
+class _CachedTrainer(_PipelineTrainer):
+    """Trains only the part above the freeze boundary, on activations computed once."""
+
+    def prepare(self, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
+        first_trained = max(1, base_end - self.cfg.unfreeze_layers)
+        cut, upper = freeze_boundary(self.model, first_trained)
+        lower = keras.Model(self.model.input, self.model.layers[cut].output, name="lower")
+        log.info("freeze boundary after layer %d (%s), activations %s", cut, self.model.layers[cut].name,
+                 lower.output_shape[1:])
+        x, y = self._activations(lower, self.data.train, flip=False)
+        if self.recipe.data.mirror:
+            x_flip, y_flip = self._activations(lower, self.data.train, flip=True)
+            x, y = np.concatenate([x, x_flip]), np.concatenate([y, y_flip])
+        val = self._activations(lower, self._val_split(), flip=False)
+        train = shuffled_batches(x, y, self.cfg.batch_size, self.recipe.seed)
+        return upper, {"x": train}, (val[0].astype(np.float32), val[1])
+
+    def _activations(self, lower: keras.Model, split: Split, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        pipeline = make_pipeline(split, self.spec, batch_size=256, flip=flip)
+        run = tf.function(lambda batch: lower(batch, training=False))
+        chunks, labels = [], []
+        for images, batch_labels in pipeline:
+            chunks.append(run(images).numpy().astype(np.float16))
+            labels.append(batch_labels.numpy())
+        log.info("cached %d activations%s in %.0f s", len(split), " (mirrored)" if flip else "",
+                 time.perf_counter() - started)
+        return np.concatenate(chunks), np.concatenate(labels)

@@ -1,0 +1,249 @@
+"""The recipe runner: each stage as a step on a run directory, and all four chained.
+
+Each ``run_<stage>`` reads what earlier stages recorded in the manifest, calls the stage's one
+function (``train``, ``optimize``, ``export``, ``bench``), writes its artifacts atomically and
+records config, inputs, outputs (sha256) and metrics. Any stage can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesmith.data.datasets import ImageDataset, load_dataset
+from edgesmith.data.spec import PreprocessSpec
+from edgesmith.recipe import Recipe, recipe_from_dict
+from edgesmith.runs import RunDir, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+RECIPE_FILE = "recipe.json"
+
+
+def save_recipe(run: RunDir, recipe: Recipe, data_path: str | Path | None) -> None:
+    resolved = recipe.to_dict()
+    if data_path:
+        resolved["data"]["path"] = str(Path(data_path).resolve())
+    write_json(run.path / RECIPE_FILE, resolved)
+    run.update_manifest(recipe=resolved)
+
+
+def load_run_recipe(run: RunDir) -> Recipe:
+    from edgesmith.runs import read_json
+
+    return recipe_from_dict(read_json(run.path / RECIPE_FILE), origin=str(run.path / RECIPE_FILE))
+
+
+def _save_keras(model: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return path
+
+
+def run_train(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]:
+    from edgesmith.train import train
+
+    folder = run.stage_dir("train")
+    result = train(data, recipe)
+    model_path = _save_keras(result.model, folder / "model.keras")
+    spec_path = result.spec.save(folder)
+    history_path = write_json(folder / "history.json", result.history)
+    outputs = {"model": model_path, "preprocess": spec_path, "history": history_path}
+    outputs["history_plot"] = plot_history(result.history, folder / "history.png")
+    run.update_manifest(data=data.describe())
+    return run.record_stage("train", config={"model": recipe.to_dict()["model"], "train": recipe.to_dict()["train"],
+                                             "seed": recipe.seed},
+                            inputs={"data": data.source}, outputs=outputs, metrics=result.metrics)
+
+
+def plot_history(history: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """Training and validation accuracy per epoch, both phases on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    offset = 0
+    for phase, values in history.items():
+        epochs = np.arange(1, len(values.get("accuracy", [])) + 1) + offset
+        for key, style in (("accuracy", "-"), ("val_accuracy", "--")):
+            if key in values:
+                ax.plot(epochs, values[key], style, marker="o", label=f"{phase} {key}")
+        offset += len(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _load_trained(run: RunDir) -> tuple[Any, PreprocessSpec]:
+    from edgesmith.runtime import load_keras_model
+
+    model_path = run.stage_output("train", "model")
+    return load_keras_model(model_path), PreprocessSpec.load_beside(model_path)
+
+
+OPTIMIZED_NAMES = {"prune": "pruned", "qat": "qat"}
+
+
+def run_optimize(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]:
+    from edgesmith.optimize import optimize
+
+    model, spec = _load_trained(run)
+    folder = run.stage_dir("optimize")
+    started = time.perf_counter()
+    result = optimize(model, data, recipe.optimize, spec=spec, seed=recipe.seed, mirror=recipe.data.mirror)
+    outputs: dict[str, Path] = {}
+    for technique, optimized in result.models.items():
+        name = OPTIMIZED_NAMES[technique]
+        suffix = ".h5" if technique == "qat" else ".keras"  # a QAT .keras file does not load back
+        outputs[name] = _save_keras(optimized, folder / f"{name}{suffix}")
+    outputs["preprocess"] = spec.save(folder)
+    outputs["report"] = write_json(folder / "optimize.json", result.report)
+    metrics = {"seconds": round(time.perf_counter() - started, 1), **_summary(result.report)}
+    return run.record_stage("optimize", config=recipe.to_dict()["optimize"],
+                            inputs={"model": run.stage_output("train", "model")}, outputs=outputs, metrics=metrics)
+
+
+def _summary(report: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    summary = {}
+    if "prune" in report:
+        summary["prune_sparsity_overall"] = report["prune"]["sparsity_overall"]
+    return summary
+
+
+def export_plan(run: RunDir, recipe: Recipe) -> list[tuple[str, str, Path, bool]]:
+    """(artifact name, format, source model file, source is QAT) for every export of this run."""
+    formats = recipe.export.formats
+    plan = [(f"float_{fmt.split('-', 1)[1]}" if fmt.startswith("tflite") else "float_onnx", fmt,
+             run.stage_output("train", "model"), False) for fmt in formats]
+    optimized = run.stage_outputs("optimize")
+    if "tflite-int8" in formats and "pruned" in optimized:
+        plan.append(("pruned_int8", "tflite-int8", optimized["pruned"], False))
+    if "qat" in optimized:
+        plan.append(("qat_int8", "tflite-int8", optimized["qat"], True))
+    return plan
+
+
+def preprocessed_samples(data: ImageDataset, spec: PreprocessSpec, split: str, count: int, seed: int) -> np.ndarray:
+    """``count`` images of a split (a seeded sample), resized and normalized exactly as for training."""
+    from edgesmith.data.datasets import limit_per_class
+    from edgesmith.data.pipeline import load_pixels
+
+    source = getattr(data, split)
+    per_class = max(1, -(-count // data.num_classes))
+    sample = limit_per_class(source, per_class, seed)
+    pixels, _ = load_pixels(sample, spec.input_size, limit=count)
+    return spec.normalize(pixels).astype(np.float32)
+
+
+def run_export(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]:
+    from edgesmith.export import export
+    from edgesmith.runtime import load_keras_model
+
+    folder = run.stage_dir("export")
+    spec = PreprocessSpec.load_beside(run.stage_output("train", "model"))
+    cfg = recipe.export
+    calibration = preprocessed_samples(data, spec, "train", cfg.calibration_samples, recipe.seed)
+    checks = preprocessed_samples(data, spec, "test", cfg.validation_samples, recipe.seed + 1)
+    outputs, validations, sources = {}, {}, {}
+    for name, fmt, source_path, quantized in export_plan(run, recipe):
+        if source_path not in sources:
+            sources[source_path] = load_keras_model(source_path)
+        result = export(sources[source_path], fmt, cfg, spec=spec, out_dir=folder, name=name,
+                        calibration=calibration, validation_inputs=checks, quantized=quantized)
+        outputs[name] = result.path
+        validations[name] = result.to_dict()
+    outputs["preprocess"] = folder / "preprocess.json"
+    outputs["validation"] = write_json(folder / "validation.json", validations)
+    inputs = {str(p.name): p for p in sources}
+    return run.record_stage("export", config=recipe.to_dict()["export"], inputs=inputs, outputs=outputs,
+                            metrics={k: v["validation"] for k, v in validations.items()})
+
+
+def bench_artifacts(run: RunDir, recipe: Recipe) -> dict[str, Path]:
+    """Every model and exported artifact of the run, by name, in report order."""
+    artifacts: dict[str, Path] = {}
+    if recipe.bench.include_keras:
+        artifacts["float_keras"] = run.stage_output("train", "model")
+        for name, path in run.stage_outputs("optimize").items():
+            if path.suffix in (".keras", ".h5"):
+                artifacts[f"{name}_keras"] = path
+    for name, path in run.stage_outputs("export").items():
+        if path.suffix in (".tflite", ".onnx"):
+            artifacts[name] = path
+    return artifacts
+
+
+def run_bench(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]:
+    from edgesmith.bench import bench, write_reports
+    from edgesmith.data.pipeline import load_pixels
+
+    spec = PreprocessSpec.load_beside(run.stage_output("train", "model"))
+    pixels, labels = load_pixels(data.test, spec.input_size, limit=recipe.bench.eval_limit)
+    inputs = spec.normalize(pixels).astype(np.float32)
+    del pixels
+    artifacts = bench_artifacts(run, recipe)
+    report = bench(artifacts, inputs, labels, recipe.bench).to_dict()
+    report["run"] = {"name": recipe.name, "path": str(run.path)}
+    for row in report["rows"]:
+        row["path"] = str(Path(row["path"]).resolve().relative_to(run.path.resolve()))
+    written = write_reports(report, run.path, title=f"edgesmith report: {recipe.name}",
+                            extra_sections=_report_sections(run))
+    metrics = {row["name"]: {"top1": row["top1"], "bytes": row.get("bytes"),
+                             "latency_p50_ms": row["latency_p50_ms"]} for row in report["rows"]}
+    return run.record_stage("bench", config=recipe.to_dict()["bench"], inputs=artifacts, outputs=written,
+                            metrics=metrics)
+
+
+def _report_sections(run: RunDir) -> list[str]:
+    """Validation of each export and the optimize stage's measured sparsity, for report.md."""
+    stages = run.manifest().get("stages", {})
+    lines = []
+    if "export" in stages:
+        lines.append("## Export validation (against the Keras source, same inputs)\n")
+        lines.append("| artifact | samples | max abs diff | top-1 agreement |\n|---|---:|---:|---:|")
+        for name, v in stages["export"]["metrics"].items():
+            if v:
+                lines.append(f"| {name} | {v['samples']} | {v['max_abs_diff']:.2e} | {100 * v['top1_agreement']:.2f}% |")
+    sparsity = stages.get("optimize", {}).get("metrics", {}).get("prune_sparsity_overall")
+    if sparsity is not None:
+        lines.append(f"\nPruning: measured sparsity of pruned kernels {100 * sparsity:.1f}% "
+                     "(unstructured sparsity shrinks gzip size, not latency).")
+    return ["\n".join(lines)] if lines else []
+
+
+STAGE_RUNNERS = {"train": run_train, "optimize": run_optimize, "export": run_export, "bench": run_bench}
+
+
+def run_stage(stage: str, run_dir: str | Path, *, data_path: str | Path | None = None) -> dict[str, Any]:
+    """Re-run one stage on an existing run directory, with the recipe and data it recorded."""
+    run = RunDir.open(run_dir)
+    recipe = load_run_recipe(run)
+    data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path)
+    return STAGE_RUNNERS[stage](run, recipe, data)
+
+
+def run_recipe(recipe: Recipe, *, out: str | Path, data_path: str | Path | None = None, force: bool = False,
+               stages: tuple[str, ...] = tuple(STAGE_RUNNERS)) -> RunDir:
+    """Run the recipe's stages in order into the run directory ``out``."""
+    data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path)
+    run = RunDir.create(out, force=force)
+    save_recipe(run, recipe, data_path)
+    started = time.perf_counter()
+    for stage in stages:
+        log.info("== %s ==", stage)
+        stage_started = time.perf_counter()
+        STAGE_RUNNERS[stage](run, recipe, data)
+        log.info("%s finished in %.0f s", stage, time.perf_counter() - stage_started)
+    run.update_manifest(wall_seconds=round(time.perf_counter() - started, 1))
+    return run
