@@ -70,6 +70,7 @@ class TrainConfig:
     unfreeze_layers: int = _opt(0, min=0)
     patience: int = _opt(2, min=1)
     cache_features: bool = True
+    cache_mirrored: bool = True  # also cache a mirrored copy of every image (if data.mirror)
 
 
 @dataclass

@@ -154,7 +154,6 @@ class _PipelineTrainer:
         self.cfg = recipe.train
 
     def run(self, base_end: int) -> dict[str, dict[str, list[float]]]:
-        trained, fit_data, val = self.prepare(base_end)
         history = {}
         phases = [("head", self.cfg.head_epochs, self.cfg.head_learning_rate, [])]
         phases.append(("finetune", self.cfg.finetune_epochs, self.cfg.finetune_learning_rate,
@@ -163,6 +162,7 @@ class _PipelineTrainer:
             if epochs <= 0 or (phase == "finetune" and not unfreeze):
                 continue
             set_trainable(self.model, unfreeze, True)
+            trained, fit_data, val = self.phase_data(phase, base_end)
             compile_for(trained, lr)
             log.info("phase %s: %d epochs at learning rate %g, %d trainable weights", phase, epochs, lr,
                      len(trained.trainable_weights))
@@ -171,7 +171,7 @@ class _PipelineTrainer:
             history[phase] = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
         return history
 
-    def prepare(self, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
+    def phase_data(self, phase: str, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
         seed = self.recipe.seed
         train = make_pipeline(self.data.train, self.spec, batch_size=self.cfg.batch_size, shuffle_seed=seed,
                               random_flip=self.recipe.data.mirror, cache=True)
@@ -183,21 +183,38 @@ class _PipelineTrainer:
 
 
 class _CachedTrainer(_PipelineTrainer):
-    """Trains only the part above the freeze boundary, on activations computed once."""
+    """Trains only what is above the freeze boundary, on activations computed once.
 
-    def prepare(self, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
-        first_trained = max(1, base_end - self.cfg.unfreeze_layers)
-        cut, upper = freeze_boundary(self.model, first_trained)
-        lower = keras.Model(self.model.input, self.model.layers[cut].output, name="lower")
-        log.info("freeze boundary after layer %d (%s), activations %s", cut, self.model.layers[cut].name,
-                 lower.output_shape[1:])
-        x, y = self._activations(lower, self.data.train, flip=False)
-        if self.recipe.data.mirror:
-            x_flip, y_flip = self._activations(lower, self.data.train, flip=True)
-            x, y = np.concatenate([x, x_flip]), np.concatenate([y, y_flip])
-        val = self._activations(lower, self._val_split(), flip=False)
+    The fine-tune phase trains the upper model (boundary activations -> predictions). The head phase,
+    where the whole backbone is frozen, goes one step further: the frozen upper backbone runs once
+    over the cached activations and the head trains on the backbone's output features.
+    """
+
+    _boundary: tuple[Any, Any] | None = None
+
+    def phase_data(self, phase: str, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
+        cut, upper, (x, y), val = self._boundary_activations(base_end)
+        if phase == "head" and cut < base_end - 1:
+            boundary, base_output = self.model.layers[cut].output, self.model.layers[base_end - 1].output
+            features = keras.Model(boundary, base_output, name="frozen_top")
+            x, val = _run_frozen(features, x), (_run_frozen(features, val[0]), val[1])
+            upper = keras.Model(base_output, self.model.output, name="head")
         train = shuffled_batches(x, y, self.cfg.batch_size, self.recipe.seed)
         return upper, {"x": train}, (val[0].astype(np.float32), val[1])
+
+    def _boundary_activations(self, base_end: int) -> tuple[int, keras.Model, tuple, tuple]:
+        if self._boundary is None:
+            first_trained = max(1, base_end - (self.cfg.unfreeze_layers if self.cfg.finetune_epochs else 0))
+            cut, upper = freeze_boundary(self.model, first_trained)
+            lower = keras.Model(self.model.input, self.model.layers[cut].output, name="lower")
+            log.info("freeze boundary after layer %d (%s), activations %s", cut, self.model.layers[cut].name,
+                     lower.output_shape[1:])
+            flips = (False, True) if self.recipe.data.mirror and self.cfg.cache_mirrored else (False,)
+            parts = [self._activations(lower, self.data.train, flip=flip) for flip in flips]
+            train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            del parts
+            self._boundary = (cut, upper, train, self._activations(lower, self._val_split(), flip=False))
+        return self._boundary
 
     def _activations(self, lower: keras.Model, split: Split, *, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         started = time.perf_counter()
@@ -210,3 +227,11 @@ class _CachedTrainer(_PipelineTrainer):
         log.info("cached %d activations%s in %.0f s", len(split), " (mirrored)" if flip else "",
                  time.perf_counter() - started)
         return np.concatenate(chunks), np.concatenate(labels)
+
+
+def _run_frozen(model: keras.Model, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """A frozen model's outputs for in-memory inputs, as float16."""
+    run = tf.function(lambda batch: model(batch, training=False))
+    chunks = [run(tf.cast(inputs[i : i + batch_size], tf.float32)).numpy().astype(np.float16)
+              for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(chunks)
