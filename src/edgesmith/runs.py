@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ from edgesmith.errors import RunDirError
 
 MANIFEST = "manifest.json"
 STAGES = ("train", "optimize", "export", "bench")
+# OS errors that mean "this place cannot be written" (the user's to fix), not a bug
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -37,19 +41,46 @@ def sha256_file(path: str | Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+
+    Raises:
+        RunDirError: the folder cannot be written (full disk, read-only, no permission, a file in
+            the way); the temporary file is removed and ``target`` is left as it was.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
+    with _unwritable_as_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prefix, suffix = f".{target.stem}.", f".tmp{target.suffix}"
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.unlink()
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        with _unwritable_as_error(target):
+            yield tmp_path
+            os.replace(tmp_path, target)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        _remove(tmp_path)
+
+
+@contextlib.contextmanager
+def _unwritable_as_error(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, RunDirError) or exc.errno not in UNWRITABLE:
+            raise
+        raise RunDirError(
+            f"cannot write {target} ({exc.strerror or exc}); free disk space, fix the folder's permissions "
+            "or choose another --out"
+        ) from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -70,8 +101,10 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"{path}: not found; run the stage that writes it first") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage") from None
+    except OSError as exc:
+        raise RunDirError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -102,9 +135,12 @@ class RunDir:
     def create(cls, path: str | Path, *, force: bool = False) -> RunDir:
         """Create a new run directory; refuse to reuse one holding a manifest unless ``force``."""
         run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise RunDirError(f"{run.path} is a file, not a folder; choose another --out")
         if run.manifest_path.exists() and not force:
             raise RunDirError(
-                f"{run.path} already holds a run; pass --force to overwrite it or --out to choose another folder"
+                f"{run.path} already holds a run; pass --force to overwrite it "
+                "or --out to choose another folder"
             )
         try:
             run.path.mkdir(parents=True, exist_ok=True)
@@ -112,7 +148,9 @@ class RunDir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise RunDirError(f"{run.path}: cannot write here ({exc.strerror}); choose another --out") from None
+            raise RunDirError(
+                f"{run.path}: cannot write here ({exc.strerror or exc}); choose another --out"
+            ) from None
         write_json(run.manifest_path, {"created": _now(), "stages": {}})
         return run
 
@@ -121,7 +159,9 @@ class RunDir:
         """Open an existing run directory (one that holds a manifest)."""
         run = cls(path)
         if not run.manifest_path.is_file():
-            raise RunDirError(f"{run.path}: not a run directory (no {MANIFEST}); run `edgesmith run` or `train` first")
+            raise RunDirError(
+                f"{run.path}: not a run directory (no {MANIFEST}); run `edgesmith run` or `train` first"
+            )
         return run
 
     @property
@@ -134,7 +174,13 @@ class RunDir:
         return folder
 
     def manifest(self) -> dict[str, Any]:
-        return read_json(self.manifest_path)
+        data = read_json(self.manifest_path)
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            raise RunDirError(
+                f"{self.manifest_path}: not an edgesmith manifest (expected a JSON object with a 'stages' "
+                "table); restore it or start a new run with --force"
+            )
+        return data
 
     def update_manifest(self, **fields: Any) -> None:
         data = self.manifest()
@@ -185,5 +231,5 @@ class RunDir:
         shown = os.path.relpath(path, self.path) if path.is_absolute() or path.exists() else str(path)
         if not path.exists():
             return {"path": shown}
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*"))
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return {"path": shown, "bytes": size, "sha256": sha256_file(path)}

@@ -8,11 +8,15 @@ folder names, sorted, and travel with the model in its :class:`PreprocessSpec`.
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from edgesmith.data.validate import FileCheck, ScanResult, scan_images
 from edgesmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -22,19 +26,27 @@ HELD_OUT_NAMES = ("test", "val", "validation")
 
 @dataclass(frozen=True)
 class Split:
-    """One split: labels plus either ``files`` (paths) or ``images`` (uint8 N x H x W x 3)."""
+    """One split: labels plus either ``files`` (paths) or ``images`` (uint8 N x H x W x 3).
+
+    ``use_pillow`` marks the files TensorFlow's decoder misreads (see :mod:`edgesmith.data.validate`);
+    the pipeline decodes those through Pillow. None means every file decodes with TensorFlow.
+    """
 
     labels: np.ndarray
     files: np.ndarray | None = None
     images: np.ndarray | None = None
+    use_pillow: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, indices: np.ndarray) -> Split:
         """The rows at ``indices``, in that order."""
-        pick = (lambda a: None if a is None else a[indices])
-        return Split(labels=self.labels[indices], files=pick(self.files), images=pick(self.images))
+        def pick(array: np.ndarray | None) -> np.ndarray | None:
+            return None if array is None else array[indices]
+
+        return Split(labels=self.labels[indices], files=pick(self.files), images=pick(self.images),
+                     use_pillow=pick(self.use_pillow))
 
     def class_counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
@@ -50,47 +62,66 @@ class ImageDataset:
     test: Split
     val: Split | None = None
     source: str = ""
+    skipped: tuple[FileCheck, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def describe(self) -> dict:
-        """Counts per split and class, for the manifest."""
+        """Counts per split and class, and the unreadable files that were skipped, for the manifest."""
         splits = {"train": self.train, "val": self.val, "test": self.test}
         return {
             "name": self.name,
             "source": self.source,
             "class_names": list(self.class_names),
             "counts": {k: s.class_counts(self.num_classes) for k, s in splits.items() if s is not None},
+            "skipped": [{"path": c.path, "reason": c.reason} for c in self.skipped],
         }
 
 
-def image_folder(root: str | Path, *, name: str | None = None) -> ImageDataset:
+def image_folder(root: str | Path, *, name: str | None = None, strict: bool = False) -> ImageDataset:
     """Read an image folder laid out as ``train/<class>/*`` with ``test/`` (or ``val/``) beside it.
 
+    Every image is checked first (:func:`edgesmith.data.validate.scan_images`). Unreadable files
+    (corrupt, truncated, or not images despite their suffix) are skipped with a warning naming them
+    and listed in :attr:`ImageDataset.skipped`, or, with ``strict``, fail the load. Hidden files and
+    files without an image suffix are ignored.
+
     Raises:
-        DataError: the folder is missing, has no ``train/``, a class folder has no images, or the
-            held-out split's classes differ from the training classes.
+        DataError: the folder is missing, has no ``train/``, a class folder has no (readable) images,
+            the held-out split's classes differ from the training classes, or ``strict`` is set and
+            some files are unreadable.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; pass --data with a folder holding train/<class>/ images")
+        raise DataError(
+            f"data folder {root} does not exist; pass --data with a folder holding train/<class>/ images"
+        )
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise DataError(f"{root}: no train/ folder; expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+        raise DataError(
+            f"{root}: no train/ folder; expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg"
+        )
     class_names = _class_folders(train_dir)
-    train = _scan_split(train_dir, class_names)
     held_out_dir = next((root / n for n in HELD_OUT_NAMES if (root / n).is_dir()), None)
     if held_out_dir is None:
         raise DataError(f"{root}: no test/ or val/ folder beside train/; add one with the same class folders")
     if _class_folders(held_out_dir) != class_names:
         raise DataError(
-            f"{held_out_dir}: class folders {_class_folders(held_out_dir)} differ from train/'s {list(class_names)}; "
-            "both splits need the same classes"
+            f"{held_out_dir}: class folders {list(_class_folders(held_out_dir))} differ from train/'s "
+            f"{list(class_names)}; both splits need the same classes"
         )
-    test = _scan_split(held_out_dir, class_names)
-    return ImageDataset(name or root.name, class_names, train, test, source=str(root.resolve()))
+    started = time.perf_counter()
+    train, train_bad = _scan_split(train_dir, class_names, strict)
+    test, test_bad = _scan_split(held_out_dir, class_names, strict)
+    skipped = tuple(train_bad + test_bad)
+    checked = len(train) + len(test) + len(skipped)
+    log.info("%s: checked %d image files in %.1f s", root, checked, time.perf_counter() - started)
+    _report_unreadable(root, skipped, strict)
+    return ImageDataset(
+        name or root.name, class_names, train, test, source=str(root.resolve()), skipped=skipped
+    )
 
 
 def _class_folders(split_dir: Path) -> tuple[str, ...]:
@@ -102,12 +133,19 @@ def _class_folders(split_dir: Path) -> tuple[str, ...]:
     return names
 
 
-def _scan_split(split_dir: Path, class_names: tuple[str, ...]) -> Split:
+def _image_files(class_dir: Path) -> list[str]:
+    """Image files of a class folder, sorted; hidden files (``.DS_Store``, ``._x.jpg``) are ignored."""
+    return sorted(
+        str(p) for p in class_dir.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _scan_split(split_dir: Path, class_names: tuple[str, ...], strict: bool) -> tuple[Split, list[FileCheck]]:
+    """The split's readable images with labels, and the unreadable files found in it."""
     files, labels = [], []
     for index, class_name in enumerate(class_names):
-        found = sorted(
-            str(p) for p in (split_dir / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
+        found = _image_files(split_dir / class_name)
         if not found:
             raise DataError(
                 f"{split_dir / class_name}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)}); "
@@ -115,7 +153,46 @@ def _scan_split(split_dir: Path, class_names: tuple[str, ...]) -> Split:
             )
         files += found
         labels += [index] * len(found)
-    return Split(labels=np.asarray(labels, dtype=np.int64), files=np.asarray(files))
+    files, labels = np.asarray(files), np.asarray(labels, dtype=np.int64)
+    scan = scan_images(files.tolist())
+    if not strict:
+        _require_readable_per_class(split_dir, class_names, labels, scan)
+    keep, pillow = scan.readable, scan.use_pillow[scan.readable]
+    split = Split(labels=labels[keep], files=files[keep], use_pillow=pillow if pillow.any() else None)
+    return split, scan.unreadable
+
+
+def _require_readable_per_class(split_dir: Path, class_names: tuple[str, ...], labels: np.ndarray,
+                               scan: ScanResult) -> None:
+    readable = np.bincount(labels[scan.readable], minlength=len(class_names))
+    for index in np.flatnonzero(readable == 0):
+        class_dir = split_dir / class_names[index]
+        bad = [c for c in scan.unreadable if Path(c.path).parent == class_dir]
+        raise DataError(
+            f"{class_dir}: none of its {len(bad)} images is readable ({_list_files(bad)}); "
+            "replace them or remove the folder"
+        )
+
+
+def _report_unreadable(root: Path, unreadable: tuple[FileCheck, ...], strict: bool) -> None:
+    if not unreadable:
+        return
+    if strict:
+        raise DataError(
+            f"{root}: {len(unreadable)} unreadable image file(s): {_list_files(unreadable, root)}; "
+            "fix or remove them, or run without --strict to skip them"
+        )
+    log.warning(
+        "%s: skipped %d unreadable image file(s): %s", root, len(unreadable), _list_files(unreadable, root)
+    )
+
+
+def _list_files(checks: Sequence[FileCheck], root: Path | None = None, limit: int = 10) -> str:
+    """'a.jpg (reason), b.png (reason), ... and N more', paths relative to ``root`` when given."""
+    named = [os.path.relpath(c.path, root) if root else Path(c.path).name for c in checks[:limit]]
+    shown = [f"{name} ({check.reason})" for name, check in zip(named, checks, strict=False)]
+    more = f" and {len(checks) - limit} more" if len(checks) > limit else ""
+    return ", ".join(shown) + more
 
 
 def digits(*, seed: int = 0, test_fraction: float = 0.2) -> ImageDataset:
@@ -129,7 +206,9 @@ def digits(*, seed: int = 0, test_fraction: float = 0.2) -> ImageDataset:
     whole = Split(labels=labels, images=images)
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     names = tuple(str(i) for i in range(10))
-    return ImageDataset("digits", names, whole.take(train_idx), whole.take(test_idx), source="sklearn.datasets.load_digits")
+    return ImageDataset(
+        "digits", names, whole.take(train_idx), whole.take(test_idx), source="sklearn.datasets.load_digits"
+    )
 
 
 def cifar10_download() -> ImageDataset:
@@ -178,19 +257,34 @@ def with_validation(dataset: ImageDataset, fraction: float, seed: int) -> ImageD
     return replace(dataset, train=dataset.train.take(kept), val=dataset.train.take(held))
 
 
-def load_dataset(config, *, seed: int, data_path: str | Path | None = None) -> ImageDataset:
+def load_dataset(
+    config, *, seed: int, data_path: str | Path | None = None, strict: bool = False
+) -> ImageDataset:
     """Load the data set a recipe's ``[data]`` section names, subset and split as configured.
 
     Args:
         config: a :class:`edgesmith.recipe.DataConfig`.
         seed: seeds the validation split and subsets.
         data_path: overrides ``config.path`` (the CLI's ``--data``).
+        strict: unreadable image files fail the load instead of being skipped (also set by a
+            ``strict`` field of ``config``, if it has one).
+
+    Raises:
+        DataError: see :func:`image_folder`; also a ``data_path`` given for the bundled digits set,
+            which reads no folder.
     """
     path = data_path or config.path
+    strict = strict or bool(getattr(config, "strict", False))
+    if config.dataset == "digits" and data_path:
+        raise DataError(
+            f"--data {data_path} was given, but data.dataset = 'digits' is bundled and reads no folder; "
+            "set data.dataset = 'folder' (--set data.dataset=folder) to train on that folder"
+        )
     if config.dataset == "digits":
         dataset = digits(seed=seed)
     elif path:
-        dataset = image_folder(path, name=config.dataset if config.dataset != "folder" else None)
+        name = config.dataset if config.dataset != "folder" else None
+        dataset = image_folder(path, name=name, strict=strict)
     elif config.dataset == "cifar10":
         dataset = cifar10_download()
     else:

@@ -17,6 +17,8 @@ from edgesmith.errors import ModelError
 SPEC_FILE = "preprocess.json"
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
+TORCH_STD_RGB = (0.229, 0.224, 0.225)
 MODES = {
     "tf": "x / 127.5 - 1 (range [-1, 1]); keras 'tf' mode: MobileNet, MobileNetV2",
     "caffe": "RGB -> BGR, minus ImageNet mean; keras 'caffe' mode: VGG16, ResNet50",
@@ -59,9 +61,7 @@ class PreprocessSpec:
         if self.mode == "caffe":
             return images[..., ::-1] - _const(IMAGENET_MEAN_RGB[::-1], images)
         if self.mode == "torch":
-            return (images / 255.0 - _const(IMAGENET_MEAN_RGB, images, 1 / 255)) / _const(
-                IMAGENET_STD_RGB, images, 1 / 255
-            )
+            return (images / 255.0 - _const(TORCH_MEAN_RGB, images)) / _const(TORCH_STD_RGB, images)
         return images * 1.0
 
     def to_dict(self) -> dict[str, Any]:
