@@ -1,12 +1,15 @@
 """Measurements: top-1 accuracy on held-out data, bytes and gzip bytes, parameters, CPU latency.
 
 Latency is measured like a careful person would by hand: a fixed input bound once, warm-up calls,
-then ``runs`` timed calls of the runtime alone; p50 and p90 with the thread count recorded.
+then timed calls of the runtime alone until both a minimum count (``runs``) and a minimum time
+(``min_seconds``) are reached; p50, p90, p99, mean, standard deviation and throughput, with the
+thread count recorded. Cold start is loading the model into its runtime plus the first inference.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import platform
 import time
@@ -21,6 +24,9 @@ from edgesmith.recipe import BenchConfig
 from edgesmith.runtime import KerasRunner, load_runner
 
 log = logging.getLogger(__name__)
+_RUNTIME_MODULES = {".tflite": "ai_edge_litert.interpreter", ".onnx": "onnxruntime",
+                    ".keras": "edgesmith._keras", ".h5": "edgesmith._keras"}
+DEFAULT_MAX_RUNS = 1_000_000  # a bound on the timed calls of a very fast model under min_seconds
 RUNTIME_PACKAGES = ("tensorflow", "tf_keras", "ai-edge-litert", "onnxruntime", "tf2onnx", "onnx",
                     "tensorflow-model-optimization", "numpy")
 
@@ -43,33 +49,66 @@ def gzip_size(path: Path) -> int:
 
 
 def file_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    """Bytes on disk of the file (or the sum over a folder's files)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
-def measure_latency(call: Any, *, warmup: int, runs: int) -> dict[str, float]:
-    """Run ``call`` ``warmup`` times untimed, then ``runs`` times timed; milliseconds percentiles."""
+def measure_latency(call: Any, *, warmup: int, runs: int, min_seconds: float = 0.0, batch: int = 1,
+                    max_runs: int = DEFAULT_MAX_RUNS) -> dict[str, float]:
+    """Time ``call`` after ``warmup`` untimed calls until both ``runs`` calls and ``min_seconds`` passed.
+
+    Args:
+        call: a zero-argument callable that runs one inference (input already bound).
+        warmup: untimed calls first (caches, allocations, thread pools, lazy compilation).
+        runs: the minimum number of timed calls.
+        min_seconds: the minimum wall time of the timed loop; fast models get more calls.
+        batch: images per call, for the throughput.
+        max_runs: stop here even if ``min_seconds`` is not reached yet.
+
+    Returns:
+        Percentiles, mean, standard deviation and minimum in ms, the number of timed calls, their
+        total seconds and the throughput in images per second.
+    """
     for _ in range(warmup):
         call()
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - start
-    times *= 1000.0
+    times = _timed_calls(call, runs=runs, min_seconds=min_seconds, max_runs=max(max_runs, runs))
+    total = float(times.sum())
+    ms = times * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {
-        "latency_p50_ms": round(float(np.percentile(times, 50)), 4),
-        "latency_p90_ms": round(float(np.percentile(times, 90)), 4),
-        "latency_mean_ms": round(float(times.mean()), 4),
-        "latency_runs": runs,
+        "latency_p50_ms": round(float(p50), 6),
+        "latency_p90_ms": round(float(p90), 6),
+        "latency_p99_ms": round(float(p99), 6),
+        "latency_mean_ms": round(float(ms.mean()), 6),
+        "latency_std_ms": round(float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, 6),
+        "latency_min_ms": round(float(ms.min()), 6),
+        "latency_runs": len(ms),
+        "latency_warmup": warmup,
+        "latency_seconds": round(total, 6),
+        "latency_batch": batch,
+        "throughput_ips": round(batch * len(ms) / total, 2) if total > 0 else 0.0,
     }
 
 
-def top1_accuracy(runner: Any, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        probs = runner.predict(inputs[start : start + batch_size])
-        correct += int(np.sum(probs.argmax(-1) == labels[start : start + batch_size]))
-    return correct / len(inputs)
+def _timed_calls(call: Any, *, runs: int, min_seconds: float, max_runs: int) -> np.ndarray:
+    """Seconds of each timed call; the clock is read twice per call and nothing else is timed."""
+    clock, times = time.perf_counter, []
+    append = times.append
+    loop_start = end = clock()
+    while (len(times) < runs or end - loop_start < min_seconds) and len(times) < max_runs:
+        start = clock()
+        call()
+        end = clock()
+        append(end - start)
+    return np.asarray(times)
+
+
+def predicted_classes(runner: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """The arg-max class of every input, run in batches."""
+    return np.concatenate([runner.predict(inputs[start : start + batch_size]).argmax(-1)
+                           for start in range(0, len(inputs), batch_size)])
 
 
 def count_parameters(runner: Any) -> int:
@@ -94,34 +133,65 @@ def tflite_constant_elements(interpreter: Any) -> int:
     return int(sum(np.prod(shapes[i]) for i in consumed - produced - inputs if i in shapes))
 
 
+def load_cold(source: Any, path: Path | None, first_input: np.ndarray, threads: int) -> tuple[Any, float]:
+    """The runner and its cold start in ms: loading the model plus its first inference.
+
+    The runtime's Python module is imported before the clock starts: that is paid once per process,
+    not once per model.
+    """
+    module = _RUNTIME_MODULES.get(path.suffix if path is not None and not path.is_dir() else ".keras")
+    if module and importlib.util.find_spec(module.split(".")[0]) is not None:
+        importlib.import_module(module)
+    start = time.perf_counter()
+    if path is None or path.is_dir():
+        runner = KerasRunner(source if path is None else path, threads=threads)
+    else:
+        runner = load_runner(path, threads=threads)
+    runner.bind(first_input)()
+    return runner, round((time.perf_counter() - start) * 1000.0, 3)
+
+
 def bench_one(name: str, source: Any, inputs: np.ndarray, labels: np.ndarray, cfg: BenchConfig,
-              *, path: Path | None = None) -> dict[str, Any]:
-    """Measure one model: accuracy on (inputs, labels), size, parameters and batch-1 latency."""
-    runner = KerasRunner(source, threads=cfg.threads) if path is None or path.is_dir() else load_runner(path, threads=cfg.threads)
+              *, path: Path | None = None, reference: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Measure one model: accuracy on (inputs, labels), size, parameters, cold start and batch-1 latency.
+
+    ``cfg.runs`` is the minimum number of timed calls and ``cfg.min_seconds`` the minimum time of the
+    timed loop. With ``reference`` (another model's predicted classes on the same inputs) the row also
+    holds the fraction of inputs on which both predict the same class. Returns the row and this
+    model's predicted classes.
+    """
     started = time.perf_counter()
+    runner, cold_start_ms = load_cold(source, path, inputs[:1], cfg.threads)
     row: dict[str, Any] = {"name": name, "format": _format_of(path), "runtime": runner.runtime,
                            "path": str(path) if path else ""}
     batch = 1 if not isinstance(runner, KerasRunner) else 256
-    row["top1"] = round(top1_accuracy(runner, inputs, labels, batch), 5)
+    predictions = predicted_classes(runner, inputs, batch)
+    row["top1"] = round(float(np.mean(predictions == labels)), 5)
+    if reference is not None:
+        row["top1_agreement"] = round(float(np.mean(predictions == reference)), 5)
     row["eval_samples"] = int(len(inputs))
     if path is not None:
         row["bytes"], row["gzip_bytes"] = file_size(path), gzip_size(path)
     row["params"] = count_parameters(runner)
-    row.update(measure_latency(runner.bind(inputs[:1]), warmup=cfg.warmup, runs=cfg.runs))
+    row.update(measure_latency(runner.latency_call(inputs[:1]), warmup=cfg.warmup, runs=cfg.runs,
+                               min_seconds=cfg.min_seconds, batch=1))
     row["threads"] = runner.threads
     row["input_dtype"] = runner.input_dtype
+    row["cold_start_ms"] = cold_start_ms
     log.info("bench %s: top1 %.4f, p50 %.2f ms (%.0f s)", name, row["top1"], row["latency_p50_ms"],
              time.perf_counter() - started)
-    return row
+    return row, predictions
 
 
 def _format_of(path: Path | None) -> str:
     if path is None:
         return "keras"
-    return {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras", ".h5": "keras"}.get(path.suffix, path.suffix)
+    formats = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras", ".h5": "keras"}
+    return formats.get(path.suffix, path.suffix)
 
 
-def bench(artifacts: dict[str, Path], inputs: np.ndarray, labels: np.ndarray, cfg: BenchConfig) -> BenchReport:
+def bench(artifacts: dict[str, Path], inputs: np.ndarray, labels: np.ndarray,
+          cfg: BenchConfig) -> BenchReport:
     """Measure every artifact on the same preprocessed held-out inputs.
 
     Args:
@@ -129,12 +199,18 @@ def bench(artifacts: dict[str, Path], inputs: np.ndarray, labels: np.ndarray, cf
         inputs: preprocessed float32 held-out images (the spec stored with the models).
         labels: their integer labels.
         cfg: warm-up, runs, threads, evaluation limit.
+
+    The first artifact is the reference: every later row records ``top1_agreement``, the fraction of
+    inputs on which it predicts the same class as the reference.
     """
     if cfg.eval_limit:
         inputs, labels = inputs[: cfg.eval_limit], labels[: cfg.eval_limit]
     report = BenchReport(environment=environment(cfg.threads))
+    reference = None
     for name, path in artifacts.items():
-        report.rows.append(bench_one(name, None, inputs, labels, cfg, path=Path(path)))
+        row, predictions = bench_one(name, None, inputs, labels, cfg, path=Path(path), reference=reference)
+        reference = predictions if reference is None else reference
+        report.rows.append(row)
     return report
 
 
