@@ -21,6 +21,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="data folder (train/<class>/*, test/<class>/*); overrides data.path")
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable image files instead of skipping them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.head_epochs=1 (repeatable)")
     p.add_argument("--stages", default="train,optimize,export,bench", help="comma-separated stages to run")
@@ -32,6 +33,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable image files instead of skipping them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -39,6 +41,19 @@ def _add_stage(sub: argparse._SubParsersAction, stage: str, help_text: str) -> N
     p = sub.add_parser(stage, help=help_text)
     p.add_argument("run_dir", help="run directory made by `edgesmith run` or `edgesmith train`")
     p.add_argument("--data", help="data folder, if it moved since the run was made")
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check a run's report against a budgets.toml (exit 1 on any violation)")
+    p.add_argument("run_dir", help="run directory holding report.json (or a report.json file)")
+    p.add_argument("--budget", required=True, help="budgets.toml: limits per artifact name or glob")
+    p.add_argument("--baseline", help="an older report.json (or run directory) for the growth rules")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="re-render a run's report.md, or compare runs side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directory (or report.json); two or more are compared, the first is the baseline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "bench", "bench stage alone (accuracy, size, latency, reports) on a run directory")
     sub.add_parser("models", help="list the registered backbones")
     sub.add_parser("env", help="versions, CPU, threads and GPUs of this machine")
+    _add_check(sub)
+    _add_report(sub)
     return parser
 
 
@@ -59,7 +76,8 @@ def _load(args: argparse.Namespace):
     from edgesmith.recipe import apply_overrides, load_recipe
 
     recipe = load_recipe(args.recipe)
-    return apply_overrides(recipe, args.overrides) if args.overrides else recipe
+    overrides = [*args.overrides, *(["data.strict=true"] if args.strict else [])]
+    return apply_overrides(recipe, overrides) if overrides else recipe
 
 
 def cmd_run(args: argparse.Namespace, stages: tuple[str, ...] | None = None) -> int:
@@ -75,7 +93,16 @@ def cmd_run(args: argparse.Namespace, stages: tuple[str, ...] | None = None) -> 
     report = run.path / "report.md"
     print(report.read_text() if report.exists() else f"run directory: {run.path}")
     print(f"run directory: {run.path}")
-    return 0
+    return _report_failed_exports(run)
+
+
+def _report_failed_exports(run) -> int:
+    from edgesmith.workflow import failed_exports
+
+    failed = failed_exports(run)
+    for reason in failed.values():
+        print(f"edgesmith: export failed validation: {reason}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -84,6 +111,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     entry = run_stage(args.command, args.run_dir, data_path=args.data)
     print(json.dumps({"stage": args.command, "outputs": {k: v["path"] for k, v in entry["outputs"].items()},
                       "metrics": entry["metrics"]}, indent=2, default=str))
+    if args.command == "export":
+        from edgesmith.runs import RunDir
+
+        return _report_failed_exports(RunDir.open(args.run_dir))
     return 0
 
 
@@ -92,7 +123,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     print(f"{'name':<20} {'size':>5}  {'preprocess':<10} {'imagenet':<8} description")
     for b in list_backbones():
-        print(f"{b.name:<20} {b.default_size:>5}  {b.preprocess:<10} {'yes' if b.has_imagenet else 'no':<8} {b.description}")
+        imagenet = "yes" if b.has_imagenet else "no"
+        print(f"{b.name:<20} {b.default_size:>5}  {b.preprocess:<10} {imagenet:<8} {b.description}")
     return 0
 
 
@@ -103,8 +135,44 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from edgesmith.bench.budgets import check, format_results, load_budgets
+    from edgesmith.bench.report import load_report
+
+    budgets = load_budgets(args.budget)
+    report = load_report(args.run_dir)
+    baseline = load_report(args.baseline) if args.baseline else None
+    results = check(report, budgets, baseline)
+    print(format_results(results))
+    return 1 if any(not r.passed for r in results) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgesmith.bench.report import compare_markdown, load_report, rewrite_markdown, run_labels
+
+    reports = [load_report(path) for path in args.run_dirs]
+    if len(reports) > 1:
+        print(compare_markdown(reports, run_labels(reports, args.run_dirs)))
+        return 0
+    run_dir = Path(args.run_dirs[0])
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    written = rewrite_markdown(reports[0], run_dir, extra_sections=_run_sections(run_dir))
+    print(written.read_text())
+    print(f"rewrote {written}")
+    return 0
+
+
+def _run_sections(run_dir: Path) -> list[str]:
+    """The export-validation and pruning sections of a run's report.md (none outside a run directory)."""
+    from edgesmith.runs import MANIFEST, RunDir
+    from edgesmith.workflow import report_sections
+
+    return report_sections(RunDir(run_dir)) if (run_dir / MANIFEST).is_file() else []
+
+
 COMMANDS = {"run": cmd_run, "train": lambda a: cmd_run(a, ("train",)), "optimize": cmd_stage,
-            "export": cmd_stage, "bench": cmd_stage, "models": cmd_models, "env": cmd_env}
+            "export": cmd_stage, "bench": cmd_stage, "models": cmd_models, "env": cmd_env,
+            "check": cmd_check, "report": cmd_report}
 
 
 def _configure_logging(quiet: bool) -> None:

@@ -7,6 +7,7 @@ Every key is checked: an unknown key, a wrong type or an out-of-range value rais
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -44,6 +45,7 @@ class DataConfig:
     limit_per_class: int = _opt(0, min=0)
     test_limit_per_class: int = _opt(0, min=0)
     mirror: bool = True  # a left-right mirrored image is a valid example (photos: yes; digits, text: no)
+    strict: bool = False  # unreadable image files fail the run instead of being skipped (--strict)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TrainConfig:
     head_learning_rate: float = _opt(1e-3, min=0.0)
     finetune_epochs: int = _opt(2, min=0)
     finetune_learning_rate: float = _opt(1e-4, min=0.0)
+    finetune_schedule: str = _opt("cosine", choices=("constant", "cosine"))
     unfreeze_layers: int = _opt(0, min=0)
     patience: int = _opt(2, min=1)
     cache_features: bool = True
@@ -106,6 +109,7 @@ class BenchConfig:
 
     warmup: int = _opt(10, min=0)
     runs: int = _opt(50, min=1)
+    min_seconds: float = _opt(1.0, min=0.0)  # timed runs continue until both runs and min_seconds are reached
     threads: int = _opt(0, min=0)
     eval_limit: int = _opt(0, min=0)
     include_keras: bool = True
@@ -156,7 +160,10 @@ def bundled_recipes() -> list[str]:
 def _read_recipe_text(source: str | Path) -> tuple[str, str]:
     path = Path(source)
     if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not a text file (not UTF-8); a recipe is a TOML text file") from None
     bundled = resources.files("edgesmith") / "recipes" / f"{path.stem}.toml"
     if path.parent == Path(".") and bundled.is_file():
         return bundled.read_text(encoding="utf-8"), f"<bundled {path.stem}.toml>"
@@ -203,12 +210,23 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     if isinstance(hint, types.UnionType):
         hint = typing.get_args(hint)[0]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = _to_float(key, value, origin)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise RecipeError(
             f"{origin}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
         )
+    if hint is float and not math.isfinite(value):
+        raise RecipeError(f"{origin}: {key} must be a finite number, got {value!r}")
     return value
+
+
+def _to_float(key: str, value: int, origin: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise RecipeError(
+            f"{origin}: {key} must be a finite number, got an integer of {value.bit_length()} bits"
+        ) from None
 
 
 def _check_limits(key: str, value: Any, limits: Any, origin: str) -> None:
@@ -217,9 +235,12 @@ def _check_limits(key: str, value: Any, limits: Any, origin: str) -> None:
         raise RecipeError(f"{origin}: {key} = {value!r} is not allowed; choose from {', '.join(allowed)}")
     low, high = limits.get("min"), limits.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise RecipeError(
-            f"{origin}: {key} = {value!r} is out of range; allowed: {low} <= {key.split('.')[-1]} <= {high}"
-        )
+        name = key.split(".")[-1]
+        if low is not None and high is not None:
+            allowed = f"{low} <= {name} <= {high}"
+        else:
+            allowed = f"{name} >= {low}" if low is not None else f"{name} <= {high}"
+        raise RecipeError(f"{origin}: {key} = {value!r} is out of range; allowed: {allowed}")
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -236,6 +257,9 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         *parents, leaf = key.strip().split(".")
         node = raw
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
         node[leaf] = value
     return recipe_from_dict(raw, origin="overrides")

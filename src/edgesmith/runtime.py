@@ -7,6 +7,7 @@ integer outputs dequantized the same way, so every runner takes and returns floa
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,15 @@ class TFLiteRunner:
 
         return call
 
+    def latency_call(self, batch: np.ndarray) -> Callable[[], Any]:
+        """``invoke`` alone, with ``batch`` written into the input tensor once beforehand.
+
+        What latency measures: the interpreter keeps its input tensor between calls, so copying the
+        same input again and reading the output would only add Python overhead to the number.
+        """
+        self.bind(batch)()
+        return self.interpreter.invoke
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return dequantize(self.bind(batch)(), self._output)
 
@@ -99,6 +109,11 @@ class OnnxRunner:
         feed, session = {self._input: np.ascontiguousarray(batch, dtype=np.float32)}, self.session
         return lambda: session.run(None, feed)[0]
 
+    def latency_call(self, batch: np.ndarray) -> Callable[[], Any]:
+        """``session.run`` on ``batch``, with the feed built once (ONNX Runtime has no separate invoke)."""
+        feed, session = {self._input: np.ascontiguousarray(batch, dtype=np.float32)}, self.session
+        return functools.partial(session.run, None, feed)
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.bind(batch)()
 
@@ -112,8 +127,9 @@ class KerasRunner:
         from edgesmith._keras import tf
 
         self.threads = cpu_threads(threads)
-        self.model = path_or_model if not isinstance(path_or_model, str | Path) else load_keras_model(path_or_model)
-        self.path = Path(path_or_model) if isinstance(path_or_model, str | Path) else None
+        is_path = isinstance(path_or_model, str | Path)
+        self.model = load_keras_model(path_or_model) if is_path else path_or_model
+        self.path = Path(path_or_model) if is_path else None
         self._call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
         self.input_dtype = "float32"
 
@@ -121,12 +137,20 @@ class KerasRunner:
         data = np.asarray(batch, dtype=np.float32)
         return lambda: self._call(data).numpy()
 
+    def latency_call(self, batch: np.ndarray) -> Callable[[], Any]:
+        """The compiled call with its output copied to NumPy: that copy is what waits for the result."""
+        return self.bind(batch)
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.bind(batch)()
 
 
-def load_keras_model(path: str | Path) -> Any:
-    """Load a Keras 2 model saved by edgesmith (QAT and pruning scopes included)."""
+def load_keras_model(path: str | Path, *, trust: bool = False) -> Any:
+    """Load a Keras 2 model saved by edgesmith (QAT scope included).
+
+    ``.keras`` files load in Keras's safe mode: a Lambda layer (arbitrary Python code) is refused
+    unless ``trust`` is set.
+    """
     from edgesmith._keras import keras
 
     path = Path(path)
@@ -138,9 +162,18 @@ def load_keras_model(path: str | Path) -> Any:
 
     try:
         with tfmot.quantization.keras.quantize_scope():
+            if path.suffix == ".keras":
+                return keras.models.load_model(path, compile=False, safe_mode=not trust)
             return keras.models.load_model(path, compile=False)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot be loaded as a Keras 2 model ({str(exc)[:300]})") from None
+    except Exception as exc:  # tf_keras raises OSError, ValueError, KeyError, TypeError, ... on foreign files
+        if "Lambda" in str(exc) and "safe_mode" in str(exc):
+            raise ModelError(
+                f"{path}: holds a Lambda layer (arbitrary Python code), refused in safe mode; pass --trust "
+                "(trust=True) only for a file from a source you trust"
+            ) from None
+        raise ModelError(
+            f"{path}: cannot be loaded as a Keras 2 model ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
 
 
 def load_runner(path: str | Path, *, threads: int = 0) -> TFLiteRunner | OnnxRunner | KerasRunner:
@@ -181,7 +214,7 @@ def dequantize(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 def _quant_params(detail: dict[str, Any]) -> tuple[float, int]:
     params = detail.get("quantization_parameters", {})
-    scales, zeros = params.get("scales", []), params.get("zero_points", [])
+    scales = params.get("scales", [])
     if len(scales) > 1:
         raise ModelError(
             f"tensor {detail['name']!r} is quantized per channel ({len(scales)} scales); "
@@ -189,5 +222,6 @@ def _quant_params(detail: dict[str, Any]) -> tuple[float, int]:
         )
     scale, zero = detail.get("quantization", (0.0, 0))
     if not scale:
-        raise ModelError(f"tensor {detail['name']!r} is {np.dtype(detail['dtype']).name} but has no quantization scale")
+        dtype = np.dtype(detail["dtype"]).name
+        raise ModelError(f"tensor {detail['name']!r} is {dtype} but has no quantization scale")
     return float(scale), int(zero)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from edgesmith.data.datasets import ImageDataset, load_dataset
 from edgesmith.data.spec import PreprocessSpec
+from edgesmith.errors import ExportValidationError, ModelError
 from edgesmith.recipe import Recipe, recipe_from_dict
 from edgesmith.runs import RunDir, atomic_path, write_json
 
@@ -38,7 +40,8 @@ def load_run_recipe(run: RunDir) -> Recipe:
 
 
 def _save_keras(model: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
         model.save(tmp)
     return path
 
@@ -159,8 +162,13 @@ def run_export(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any
     for name, fmt, source_path, quantized in export_plan(run, recipe):
         if source_path not in sources:
             sources[source_path] = load_keras_model(source_path)
-        result = export(sources[source_path], fmt, cfg, spec=spec, out_dir=folder, name=name,
-                        calibration=calibration, validation_inputs=checks, quantized=quantized)
+        try:
+            result = export(sources[source_path], fmt, cfg, spec=spec, out_dir=folder, name=name,
+                            calibration=calibration, validation_inputs=checks, quantized=quantized)
+        except ExportValidationError as exc:  # recorded; the other artifacts still count
+            log.error("%s", exc)
+            validations[name] = {"format": fmt, "validation": {"passed": False, "error": str(exc)}}
+            continue
         outputs[name] = result.path
         validations[name] = result.to_dict()
     outputs["preprocess"] = folder / "preprocess.json"
@@ -168,6 +176,12 @@ def run_export(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any
     inputs = {str(p.name): p for p in sources}
     return run.record_stage("export", config=recipe.to_dict()["export"], inputs=inputs, outputs=outputs,
                             metrics={k: v["validation"] for k, v in validations.items()})
+
+
+def failed_exports(run: RunDir) -> dict[str, str]:
+    """Artifacts of the run's export stage that failed validation, with the reason."""
+    metrics = run.manifest().get("stages", {}).get("export", {}).get("metrics", {})
+    return {name: v["error"] for name, v in metrics.items() if v and not v.get("passed", True)}
 
 
 def bench_artifacts(run: RunDir, recipe: Recipe) -> dict[str, Path]:
@@ -198,14 +212,14 @@ def run_bench(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]
     for row in report["rows"]:
         row["path"] = str(Path(row["path"]).resolve().relative_to(run.path.resolve()))
     written = write_reports(report, run.path, title=f"edgesmith report: {recipe.name}",
-                            extra_sections=_report_sections(run))
+                            extra_sections=report_sections(run))
     metrics = {row["name"]: {"top1": row["top1"], "bytes": row.get("bytes"),
                              "latency_p50_ms": row["latency_p50_ms"]} for row in report["rows"]}
     return run.record_stage("bench", config=recipe.to_dict()["bench"], inputs=artifacts, outputs=written,
                             metrics=metrics)
 
 
-def _report_sections(run: RunDir) -> list[str]:
+def report_sections(run: RunDir) -> list[str]:
     """Validation of each export and the optimize stage's measured sparsity, for report.md."""
     stages = run.manifest().get("stages", {})
     lines = []
@@ -213,8 +227,11 @@ def _report_sections(run: RunDir) -> list[str]:
         lines.append("## Export validation (against the Keras source, same inputs)\n")
         lines.append("| artifact | samples | max abs diff | top-1 agreement |\n|---|---:|---:|---:|")
         for name, v in stages["export"]["metrics"].items():
-            if v:
-                lines.append(f"| {name} | {v['samples']} | {v['max_abs_diff']:.2e} | {100 * v['top1_agreement']:.2f}% |")
+            if v and "error" in v:
+                lines.append(f"| {name} | FAILED: {v['error']} | | |")
+            elif v:
+                agreement = 100 * v["top1_agreement"]
+                lines.append(f"| {name} | {v['samples']} | {v['max_abs_diff']:.2e} | {agreement:.2f}% |")
     sparsity = stages.get("optimize", {}).get("metrics", {}).get("prune_sparsity_overall")
     if sparsity is not None:
         lines.append(f"\nPruning: measured sparsity of pruned kernels {100 * sparsity:.1f}% "
@@ -233,9 +250,25 @@ def run_stage(stage: str, run_dir: str | Path, *, data_path: str | Path | None =
     return STAGE_RUNNERS[stage](run, recipe, data)
 
 
+def check_model_config(recipe: Recipe) -> None:
+    """Fail before any work starts if the backbone is unknown or the weights file is missing."""
+    from edgesmith.zoo import get_backbone
+
+    get_backbone(recipe.model.backbone)
+    weights = recipe.model.weights
+    if weights not in ("imagenet", "none", "") and not Path(weights).is_file():
+        raise ModelError(f"model.weights: file {weights} does not exist; give an existing weights file, "
+                         "'imagenet' or 'none'")
+
+
 def run_recipe(recipe: Recipe, *, out: str | Path, data_path: str | Path | None = None, force: bool = False,
                stages: tuple[str, ...] = tuple(STAGE_RUNNERS)) -> RunDir:
-    """Run the recipe's stages in order into the run directory ``out``."""
+    """Run the recipe's stages in order into the run directory ``out``.
+
+    The backbone, the weights file and the data set are checked before the run directory is created.
+    """
+    if "train" in stages:
+        check_model_config(recipe)
     data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path)
     run = RunDir.create(out, force=force)
     save_recipe(run, recipe, data_path)
@@ -243,7 +276,14 @@ def run_recipe(recipe: Recipe, *, out: str | Path, data_path: str | Path | None 
     for stage in stages:
         log.info("== %s ==", stage)
         stage_started = time.perf_counter()
-        STAGE_RUNNERS[stage](run, recipe, data)
+        run.update_manifest(status=f"running {stage}")
+        try:
+            STAGE_RUNNERS[stage](run, recipe, data)
+        except BaseException:  # Ctrl-C and errors alike: the manifest says which stage is incomplete
+            run.update_manifest(status=f"incomplete: {stage} did not finish")
+            raise
         log.info("%s finished in %.0f s", stage, time.perf_counter() - stage_started)
-    run.update_manifest(wall_seconds=round(time.perf_counter() - started, 1))
+    failed = failed_exports(run)
+    status = f"complete; failed validation: {', '.join(failed)}" if failed else "complete"
+    run.update_manifest(status=status, wall_seconds=round(time.perf_counter() - started, 1))
     return run

@@ -130,9 +130,11 @@ def _build_imagenet(backbone: Backbone, shape: tuple[int, int, int]) -> keras.Mo
 
 def _load_weights_file(base: keras.Model, path: Path, name: str) -> None:
     if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist; set model.weights to an existing file, 'imagenet' or 'none'")
+        raise ModelError(
+            f"weights file {path} does not exist; set model.weights to an existing file, 'imagenet' or 'none'"
+        )
     try:
-        base.load_weights(str(path), by_name=path.suffix == ".h5")
+        base.load_weights(str(path))
     except Exception as exc:  # h5py, TF and Keras each raise their own types on mismatch
         raise ModelError(
             f"weights file {path} does not fit backbone {name} ({type(exc).__name__}: {str(exc)[:200]}); "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,9 @@ def _convert_tflite(model: Any, mode: str, calibration: np.ndarray | None, quant
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    return converter.convert()
+    with warnings.catch_warnings():  # a QAT model's input ranges come from its quantize layer
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
 
 
 def _tflite_exporter(mode: str) -> Callable[..., None]:
@@ -155,6 +158,7 @@ def _validate(model: Any, path: Path, fmt: str, cfg: ExportConfig, inputs: np.nd
     agreement = cfg.min_top1_agreement if exact or fmt == "tflite-float16" else cfg.min_top1_agreement_quantized
     try:
         return validate_artifact(model, path, inputs, max_abs_diff=limit, min_top1_agreement=agreement)
-    except ExportValidationError:
-        path.replace(path.with_suffix(f".failed{path.suffix}"))
-        raise
+    except ExportValidationError as exc:
+        failed = path.with_suffix(f".failed{path.suffix}")
+        path.replace(failed)
+        raise ExportValidationError(str(exc).replace(str(path), str(failed), 1)) from None

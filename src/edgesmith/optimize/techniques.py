@@ -133,8 +133,11 @@ def quantization_aware(model: keras.Model, data: ImageDataset, cfg: OptimizeConf
     unfreeze_all_but_batchnorm(source)
     try:
         qat = tfmot.quantization.keras.quantize_model(source)
-    except (ValueError, RuntimeError) as exc:
-        raise ModelError(f"model {model.name} cannot be quantized by tfmot: {str(exc)[:300]}") from None
+    except Exception as exc:  # tfmot raises ValueError, RuntimeError or AttributeError on unsupported layers
+        raise ModelError(
+            f"model {model.name} cannot be quantized by tfmot ({type(exc).__name__}: {str(exc)[:300]}); "
+            "drop 'qat' from optimize.techniques for this backbone"
+        ) from None
     pipeline, steps = finetune_data(data, spec, cfg, seed, mirror)
     compile_for(qat, cfg.qat_learning_rate)
     log.info("quantization-aware training for %d steps", steps * cfg.qat_epochs)

@@ -83,7 +83,8 @@ def set_trainable(model: keras.Model, indices: Any, trainable: bool) -> None:
 def unfrozen_indices(model: keras.Model, base_end: int, count: int) -> list[int]:
     """Indices of the top ``count`` backbone layers that phase 2 trains (BatchNormalization excluded)."""
     top = range(max(1, base_end - count), base_end)
-    return [i for i in top if not isinstance(model.layers[i], keras.layers.BatchNormalization) and model.layers[i].weights]
+    layers = model.layers
+    return [i for i in top if not isinstance(layers[i], keras.layers.BatchNormalization) and layers[i].weights]
 
 
 def freeze_boundary(model: keras.Model, first_trained: int) -> tuple[int, keras.Model]:
@@ -98,10 +99,12 @@ def freeze_boundary(model: keras.Model, first_trained: int) -> tuple[int, keras.
         except ValueError:  # graph disconnected: a skip connection crosses this cut
             continue
         return index, upper
-    raise ModelError(f"{model.name}: no single-tensor cut below layer {first_trained}; set train.cache_features = false")
+    raise ModelError(
+        f"{model.name}: no single-tensor cut below layer {first_trained}; set train.cache_features = false"
+    )
 
 
-def compile_for(model: keras.Model, learning_rate: float) -> None:
+def compile_for(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -163,13 +166,22 @@ class _PipelineTrainer:
                 continue
             set_trainable(self.model, unfreeze, True)
             trained, fit_data, val = self.phase_data(phase, base_end)
-            compile_for(trained, lr)
+            compile_for(trained, self._schedule(phase, lr, epochs, fit_data["x"]))
             log.info("phase %s: %d epochs at learning rate %g, %d trainable weights", phase, epochs, lr,
                      len(trained.trainable_weights))
             fit = trained.fit(**fit_data, epochs=epochs, validation_data=val,
                               callbacks=_callbacks(self.cfg.patience, phase), verbose=0)
             history[phase] = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
         return history
+
+    def _schedule(self, phase: str, lr: float, epochs: int, batches: tf.data.Dataset) -> Any:
+        """The fine-tune phase decays its rate to zero along a cosine over its planned steps."""
+        if phase != "finetune" or self.cfg.finetune_schedule == "constant":
+            return lr
+        steps_per_epoch = int(batches.cardinality().numpy())
+        if steps_per_epoch <= 0:  # unknown length: nothing to plan a decay over
+            return lr
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * epochs)
 
     def phase_data(self, phase: str, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
         seed = self.recipe.seed
