@@ -27,12 +27,21 @@ STAGES = ("train", "optimize", "export", "bench")
 UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
+def files_under(path: str | Path) -> list[Path]:
+    """The file itself, or a folder's files (recursively) in sorted order."""
+    path = Path(path)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes on disk of a file, or the sum over a folder's files."""
+    return sum(file.stat().st_size for file in files_under(path))
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes (a folder hashes its files in sorted order)."""
     digest = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    for file in files_under(path):
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
@@ -231,5 +240,5 @@ class RunDir:
         shown = os.path.relpath(path, self.path) if path.is_absolute() or path.exists() else str(path)
         if not path.exists():
             return {"path": shown}
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        size = disk_bytes(path)
         return {"path": shown, "bytes": size, "sha256": sha256_file(path)}

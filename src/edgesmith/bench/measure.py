@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.recipe import BenchConfig
+from edgesmith.runs import disk_bytes, files_under
 from edgesmith.runtime import KerasRunner, load_runner
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,12 @@ class BenchReport:
 
 def gzip_size(path: Path) -> int:
     """Bytes of the file (or of a folder's files) after gzip -9."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return sum(len(gzip.compress(f.read_bytes(), compresslevel=9)) for f in files)
+    return sum(len(gzip.compress(f.read_bytes(), compresslevel=9)) for f in files_under(path))
 
 
 def file_size(path: Path) -> int:
     """Bytes on disk of the file (or the sum over a folder's files)."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    return disk_bytes(path)
 
 
 def measure_latency(call: Any, *, warmup: int, runs: int, min_seconds: float = 0.0, batch: int = 1,
