@@ -42,7 +42,8 @@ def load_run_recipe(run: RunDir) -> Recipe:
 def _save_keras(model: Any, path: Path) -> Path:
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
-        model.save(tmp)
+        extra = {"include_optimizer": False} if tmp.suffix == ".h5" else {}  # no Adam moments in a deliverable
+        model.save(tmp, **extra)
     return path
 
 
