@@ -77,7 +77,8 @@ def measured_row(path_or_row: str | Path | dict[str, Any], report: str | Path | 
     """The values to check: a report row as given, or sizes measured from a file plus its report row."""
     if isinstance(path_or_row, dict):
         return dict(path_or_row)
-    from edgesmith.bench.measure import file_size, gzip_size
+    from edgesmith.bench.measure import gzip_size
+    from edgesmith.runs import disk_bytes
 
     path = Path(path_or_row)
     if not path.exists():
@@ -88,7 +89,7 @@ def measured_row(path_or_row: str | Path | dict[str, Any], report: str | Path | 
             raise TypeError("assert_within_budget: min_top1 and max_p50_ms are read from a report.json row; "
                             "pass report=RUN_DIR (or the report.json path, or its dict)")
         row.update(find_row(report, path))
-    row.update(name=row.get("name", path.name), path=str(path), bytes=file_size(path))
+    row.update(name=row.get("name", path.name), path=str(path), bytes=disk_bytes(path))
     if need_gzip:  # gzip -9 of a large model takes seconds: only when a limit needs it
         row["gzip_bytes"] = gzip_size(path)
     return row

@@ -48,11 +48,6 @@ def gzip_size(path: Path) -> int:
     return sum(len(gzip.compress(f.read_bytes(), compresslevel=9)) for f in files_under(path))
 
 
-def file_size(path: Path) -> int:
-    """Bytes on disk of the file (or the sum over a folder's files)."""
-    return disk_bytes(path)
-
-
 def measure_latency(call: Any, *, warmup: int, runs: int, min_seconds: float = 0.0, batch: int = 1,
                     max_runs: int = DEFAULT_MAX_RUNS) -> dict[str, float]:
     """Time ``call`` after ``warmup`` untimed calls until both ``runs`` calls and ``min_seconds`` passed.
@@ -169,7 +164,7 @@ def bench_one(name: str, source: Any, inputs: np.ndarray, labels: np.ndarray, cf
         row["top1_agreement"] = round(float(np.mean(predictions == reference)), 5)
     row["eval_samples"] = int(len(inputs))
     if path is not None:
-        row["bytes"], row["gzip_bytes"] = file_size(path), gzip_size(path)
+        row["bytes"], row["gzip_bytes"] = disk_bytes(path), gzip_size(path)
     row["params"] = count_parameters(runner)
     row.update(measure_latency(runner.latency_call(inputs[:1]), warmup=cfg.warmup, runs=cfg.runs,
                                min_seconds=cfg.min_seconds, batch=1))

@@ -183,11 +183,15 @@ class _PipelineTrainer:
             return lr
         return keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * epochs)
 
+    _pipelines: tuple[tf.data.Dataset, tf.data.Dataset] | None = None
+
     def phase_data(self, phase: str, base_end: int) -> tuple[keras.Model, dict[str, Any], Any]:
-        seed = self.recipe.seed
-        train = make_pipeline(self.data.train, self.spec, batch_size=self.cfg.batch_size, shuffle_seed=seed,
-                              random_flip=self.recipe.data.mirror, cache=True)
-        val = make_pipeline(self._val_split(), self.spec, batch_size=self.cfg.batch_size, cache=True)
+        if self._pipelines is None:  # built once: both phases share the decoded-image caches
+            train = make_pipeline(self.data.train, self.spec, batch_size=self.cfg.batch_size,
+                                  shuffle_seed=self.recipe.seed, random_flip=self.recipe.data.mirror, cache=True)
+            val = make_pipeline(self._val_split(), self.spec, batch_size=self.cfg.batch_size, cache=True)
+            self._pipelines = (train, val)
+        train, val = self._pipelines
         return self.model, {"x": train}, val
 
     def _val_split(self) -> Split:
