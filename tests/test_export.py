@@ -49,11 +49,10 @@ def test_export_writes_a_validated_file(fmt, tiny_exports, trained_tiny, tiny_te
     json.dumps(result.to_dict())  # manifest-ready
 
 
-def test_quantized_formats_are_smaller(tiny_exports):
-    float_bytes = tiny_exports["tflite-float32"].bytes
-    assert tiny_exports["tflite-float16"].bytes < float_bytes
-    assert tiny_exports["tflite-dynamic"].bytes < float_bytes
-    assert tiny_exports["tflite-int8"].bytes < float_bytes
+# (onnx-int8 is left out: on a model this tiny, QDQ's scale and zero-point tensors outweigh the saved bytes)
+@pytest.mark.parametrize("fmt", [f for f in EXPORTERS if f.startswith("tflite") and f not in FLOAT_FORMATS])
+def test_quantized_formats_are_smaller(fmt, tiny_exports):
+    assert tiny_exports[fmt].bytes < tiny_exports["tflite-float32"].bytes
 
 
 def test_unknown_format_lists_the_formats(trained_tiny, tmp_path):

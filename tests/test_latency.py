@@ -77,7 +77,7 @@ def tflite_pair(tmp_path_factory):
 
 def test_bench_rows_carry_the_new_latency_fields_and_validate(tflite_pair):
     inputs, labels = tiny_data()
-    # BenchConfig has no min_seconds yet; bench reads it with getattr, so a namespace stands in for it.
+    # Older callers pass a namespace with a single int of threads and no batch sizes; bench accepts it.
     cfg = SimpleNamespace(warmup=2, runs=5, threads=1, eval_limit=0, min_seconds=0.05)
     report = bench(tflite_pair, inputs, labels, cfg).to_dict()
     validate_report(report)

@@ -38,7 +38,10 @@ def test_prune_reaches_the_target_sparsity(trained_tiny, digits_data, sparsity, 
     assert report["steps"] == epochs * int(np.ceil(samples / 32))
     # BatchNormalization has weights but no prunable kernel: listed as skipped, with the reason.
     assert set(report["skipped_layers"]) == {"block0_bn", "block1_bn"}
-    assert "no prunable kernel" in report["skipped_layers"]["block0_bn"]
+    assert "not a kernel" in report["skipped_layers"]["block0_bn"]
+    assert report["fine_tuned"] == "whole model on images"  # trained from scratch: nothing is frozen
+    assert report["weights_gzip_bytes"] < report["weights_bytes"]
+    assert "not latency" in report["latency_note"]
     # Stripped: plain layers again, and the source model is untouched.
     assert not any("Prune" in type(layer).__name__ for layer in pruned.layers)
     assert np.mean(trained_tiny.model.get_layer("block1_conv").get_weights()[0] == 0) < 0.01
@@ -69,7 +72,8 @@ def test_quantization_aware_wraps_layers(trained_tiny, digits_data, tiny_test_in
 
 
 def test_optimize_runs_each_technique_independently(trained_tiny, digits_data):
-    cfg = OptimizeConfig(techniques=["prune", "qat"], sparsity=0.5, finetune_samples=100, batch_size=50)
+    cfg = OptimizeConfig(techniques=["prune", "qat"], sparsity=0.5, finetune_samples=100, batch_size=50,
+                         check_samples=0)
     before = [w.copy() for w in trained_tiny.model.get_weights()]
     result = optimize(trained_tiny.model, digits_data, cfg, spec=trained_tiny.spec, seed=0, mirror=False)
     assert list(result.models) == ["prune", "qat"] and list(result.report) == ["prune", "qat"]
@@ -131,11 +135,25 @@ def test_keras3_model_is_refused(digits_data, trained_tiny):
         quantization_aware(model, digits_data, OptimizeConfig(finetune_samples=10), spec=trained_tiny.spec)
 
 
-def test_qat_of_an_unsupported_backbone_is_a_model_error(digits_data, trained_tiny):
-    """EfficientNet rescales inside (a Rescaling layer), which tfmot's default QAT scheme refuses."""
-    model, spec = build_classifier("efficientnet_b0", num_classes=10, input_size=32, dense_units=8)
-    with pytest.raises(ModelError, match=r"cannot be quantized by tfmot \(.*Rescaling"):
-        quantization_aware(model, digits_data, OptimizeConfig(finetune_samples=10), spec=spec)
+def nested_model_with_rescaling(trained_tiny) -> keras.Model:
+    """The tiny classifier behind a Rescaling layer, its body nested as a Model: both things tfmot refuses."""
+    body = trained_tiny.model
+    inputs = keras.Input(body.input_shape[1:])
+    scaled = keras.layers.Rescaling(1.0, name="identity_rescale")(inputs)
+    return keras.Model(inputs, body(scaled), name="nested_with_rescaling")
+
+
+def test_qat_flattens_a_nested_backbone_and_leaves_rescaling_in_float(trained_tiny, digits_data, tiny_test_inputs):
+    model = nested_model_with_rescaling(trained_tiny)
+    inputs, labels = tiny_test_inputs
+    qat, report = quantization_aware(model, digits_data, OptimizeConfig(finetune_samples=64, batch_size=32),
+                                     spec=trained_tiny.spec, seed=0, mirror=False)
+    assert report["flattened_nested_models"] == [trained_tiny.model.name]
+    assert list(report["left_in_float"]) == ["identity_rescale"]
+    assert report["left_in_float"]["identity_rescale"].startswith("Rescaling: not supported")
+    assert not any(isinstance(layer, keras.Model) for layer in qat.layers)  # one flat graph
+    assert report["quantized_layers"] > 5
+    assert accuracy(qat, inputs, labels) > 0.8  # the fine-tune kept the tiny model's accuracy (~0.9+)
 
 
 def test_qat_of_mobilenet_v3_small_is_a_model_error(digits_data):

@@ -8,6 +8,7 @@ import pytest
 
 from edgesmith.errors import RecipeError
 from edgesmith.recipe import (
+    DEFAULT_EXPORT_FORMATS,
     EXPORT_FORMATS,
     ExportConfig,
     Recipe,
@@ -47,7 +48,8 @@ def test_quickstart_values_come_from_the_file():
     assert recipe.model.input_size == 32
     assert recipe.train.head_learning_rate == pytest.approx(3e-3)
     assert recipe.optimize.techniques == ["prune", "qat"]
-    assert recipe.export.formats == list(EXPORT_FORMATS)  # default: every format
+    assert recipe.export.formats == list(DEFAULT_EXPORT_FORMATS)  # default: the five basic formats
+    assert set(DEFAULT_EXPORT_FORMATS) < set(EXPORT_FORMATS)
 
 
 def test_quick_recipe_is_quickstart_with_less_work(quick_recipe, quick_overrides):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +19,26 @@ EXIT_BAD_INPUT = 2
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a recipe: train -> optimize -> export -> bench")
     p.add_argument("recipe", help="recipe TOML file, or a bundled recipe name (quickstart)")
-    p.add_argument("--data", help="data folder (train/<class>/*, test/<class>/*); overrides data.path")
+    p.add_argument("--data", help="data folder (train/<class>/*, test/<class>/*) or shard directory "
+                   "(edgesmith data shard); overrides data.path")
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out: skip stages finished with unchanged outputs "
+                        "(same recipe, --set, --strict and --data required)")
     p.add_argument("--strict", action="store_true", help="fail on unreadable image files instead of skipping them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.head_epochs=1 (repeatable)")
     p.add_argument("--stages", default="train,optimize,export,bench", help="comma-separated stages to run")
+    _add_strategy(p)
+
+
+def _add_strategy(p: argparse.ArgumentParser) -> None:
+    from edgesmith.recipe import STRATEGIES
+
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="tf.distribute strategy for training (overrides train.strategy): auto = all GPUs of this "
+                        "machine, multiworker = the machines in TF_CONFIG; train.batch_size is per replica")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +49,100 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--strict", action="store_true", help="fail on unreadable image files instead of skipping them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_strategy(p)
 
 
 def _add_stage(sub: argparse._SubParsersAction, stage: str, help_text: str) -> None:
     p = sub.add_parser(stage, help=help_text)
     p.add_argument("run_dir", help="run directory made by `edgesmith run` or `edgesmith train`")
-    p.add_argument("--data", help="data folder, if it moved since the run was made")
+    p.add_argument("--data", help="data folder or shard directory, if it moved since the run was made")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    _add_stage(sub, "bench", "bench stage alone (accuracy, size, latency, memory, reports) on a run directory")
+    p = sub.choices["bench"]
+    p.add_argument("--batch-sizes", metavar="N,N", help="images per timed call, e.g. 1,8,32 (bench.batch_sizes)")
+    p.add_argument("--threads", metavar="N,N", help="thread counts, 0 = all cores, e.g. 1,0 (bench.threads)")
+    p.add_argument("--device", choices=("cpu", "gpu"), help="gpu: ONNX on CUDA, Keras on TensorFlow's GPU")
+    p.add_argument("--onnx-providers", metavar="NAME,NAME",
+                   help="ONNX Runtime providers, first preferred: TensorrtExecutionProvider,CUDAExecutionProvider")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (a process per model)")
+
+
+def _bench_overrides(args: argparse.Namespace) -> list[str]:
+    """The bench flags as recipe overrides (validated like the recipe's own values)."""
+    lists = {"batch_sizes": args.batch_sizes, "threads": args.threads}
+    overrides = [f"bench.{key}=[{value}]" for key, value in lists.items() if value]
+    if args.onnx_providers:
+        overrides.append("bench.onnx_providers=" + str([p.strip() for p in args.onnx_providers.split(",")]))
+    overrides += [f'bench.device="{args.device}"'] if args.device else []
+    return overrides + (["bench.memory=false"] if args.no_memory else [])
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from edgesmith.recipe import EXPORT_FORMATS
+
+    _add_stage(sub, "export", "export stage alone (TFLite, ONNX, validated) on a run directory")
+    p = sub.choices["export"]
+    p.add_argument("--formats", metavar="FMT,FMT",
+                   help=f"formats to export (export.formats): {', '.join(EXPORT_FORMATS)}")
+    p.add_argument("--onnx-int8-variants", metavar="NAME,NAME",
+                   help="ONNX Runtime int8 variants to try, e.g. qdq-channel-minmax-u8s8,qdq-channel-entropy-s8s8 "
+                        "(export.onnx_int8_variants; default: those right for this CPU)")
+
+
+def _export_overrides(args: argparse.Namespace) -> list[str]:
+    """The export flags as recipe overrides (validated like the recipe's own values)."""
+    lists = {"formats": args.formats, "onnx_int8_variants": args.onnx_int8_variants}
+    return [f"export.{key}=" + str([v.strip() for v in value.split(",")]) for key, value in lists.items() if value]
+
+
+def _add_optimize(sub: argparse._SubParsersAction) -> None:
+    from edgesmith.recipe import SEARCH_LADDER
+
+    _add_stage(sub, "optimize", "optimize stage alone (pruning, QAT, clustering; the accuracy-budgeted search) "
+               "on a run directory")
+    p = sub.choices["optimize"]
+    p.add_argument("--search", action="store_true",
+                   help="also run the accuracy-budgeted search with the recipe's [optimize.search] settings "
+                        "(implied by the flags below)")
+    p.add_argument("--max-accuracy-drop", metavar="POINTS",
+                   help="search: top-1 points the pick may lose against the float model "
+                        "(optimize.search.max_accuracy_drop)")
+    p.add_argument("--objective", metavar="size|latency",
+                   help="search: what the pick minimizes, gzip bytes or batch-1 p50 latency "
+                        "(optimize.search.objective)")
+    p.add_argument("--ladder", metavar="RUNG,RUNG",
+                   help=f"search: candidates to try (optimize.search.ladder): {', '.join(SEARCH_LADDER)}")
+
+
+# optimize flag -> (recipe key, how its text becomes a TOML value); each is validated like the recipe's values
+SEARCH_FLAGS = {
+    "max_accuracy_drop": ("optimize.search.max_accuracy_drop", lambda text: text),
+    "objective": ("optimize.search.objective", lambda text: f'"{text}"'),
+    "ladder": ("optimize.search.ladder", lambda text: str([v.strip() for v in text.split(",") if v.strip()])),
+}
+
+
+def _optimize_overrides(args: argparse.Namespace) -> list[str]:
+    """The search flags as recipe overrides; any of them turns the search on. A bad value is a RecipeError
+    naming the flag."""
+    from edgesmith.errors import RecipeError
+    from edgesmith.recipe import Recipe, apply_overrides
+
+    overrides = []
+    for attr, (key, to_toml) in SEARCH_FLAGS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        override = f"{key}={to_toml(value)}"
+        try:
+            apply_overrides(Recipe(), [override])
+        except RecipeError as exc:
+            raise RecipeError(f"--{attr.replace('_', '-')} {value!r}: {exc}") from None
+        overrides.append(override)
+    enabled = args.search or overrides
+    return [*overrides, "optimize.search.enabled=true"] if enabled else []
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -56,19 +158,43 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                    help="run directory (or report.json); two or more are compared, the first is the baseline")
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data set tools: write an image folder as TFRecord shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("shard", help="write IMAGE_DIR (train/<class>/*, test/<class>/*) as TFRecord shards")
+    s.add_argument("image_dir", help="image folder laid out as train/<class>/* and test/<class>/* (or val/)")
+    s.add_argument("--out", required=True, help="shard directory to create (pass it as --data later)")
+    s.add_argument("--shard-size-mb", type=float, default=100.0, help="size of each shard file in MB (default 100)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    s.add_argument("--strict", action="store_true", help="fail on unreadable image files instead of skipping them")
+
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="ensembles (averaging, bagging, boosting, stacking) of a run's model "
+                       "with other runs' models, shipped as single files, with a report")
+    p.add_argument("run_dir", help="run directory whose train stage finished")
+    p.add_argument("--member", dest="members", action="append", default=[], metavar="RUN_DIR",
+                   help="another run directory whose trained model joins as a member (repeatable)")
+    p.add_argument("--data", help="data folder, if it moved since the run was made")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set ensemble.estimators='[\"adaboost\"]' (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesmith", description="Edge-ready models and hard numbers about them.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_train(sub)
-    _add_stage(sub, "optimize", "optimize stage alone (pruning, QAT) on a run directory")
-    _add_stage(sub, "export", "export stage alone (TFLite, ONNX, validated) on a run directory")
-    _add_stage(sub, "bench", "bench stage alone (accuracy, size, latency, reports) on a run directory")
+    _add_optimize(sub)
+    _add_export(sub)
+    _add_bench(sub)
     sub.add_parser("models", help="list the registered backbones")
     sub.add_parser("env", help="versions, CPU, threads and GPUs of this machine")
     _add_check(sub)
     _add_report(sub)
+    _add_data(sub)
+    _add_ensemble(sub)
     return parser
 
 
@@ -77,6 +203,8 @@ def _load(args: argparse.Namespace):
 
     recipe = load_recipe(args.recipe)
     overrides = [*args.overrides, *(["data.strict=true"] if args.strict else [])]
+    if getattr(args, "strategy", None):
+        overrides.append(f'train.strategy="{args.strategy}"')
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
@@ -88,8 +216,13 @@ def cmd_run(args: argparse.Namespace, stages: tuple[str, ...] | None = None) -> 
     unknown = [s for s in stages if s not in STAGE_RUNNERS]
     if unknown:
         raise EdgesmithError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGE_RUNNERS)}")
+    if "train" in stages:  # multi-worker set-up must precede any TensorFlow operation (loading data may run some)
+        from edgesmith.train.distribute import strategy_for
+
+        strategy_for(recipe.train.strategy)
     out = Path(args.out or Path("runs") / recipe.name)
-    run = run_recipe(recipe, out=out, data_path=args.data, force=args.force, stages=stages)
+    run = run_recipe(recipe, out=out, data_path=args.data, force=args.force, resume=getattr(args, "resume", False),
+                     stages=stages)
     report = run.path / "report.md"
     print(report.read_text() if report.exists() else f"run directory: {run.path}")
     print(f"run directory: {run.path}")
@@ -108,7 +241,11 @@ def _report_failed_exports(run) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from edgesmith.workflow import run_stage
 
-    entry = run_stage(args.command, args.run_dir, data_path=args.data)
+    overrides = {"bench": _bench_overrides, "export": _export_overrides,
+                 "optimize": _optimize_overrides}.get(args.command, lambda _: [])(args)
+    entry = run_stage(args.command, args.run_dir, data_path=args.data, overrides=overrides)
+    if "search_md" in entry["outputs"]:
+        print((Path(args.run_dir) / entry["outputs"]["search_md"]["path"]).read_text())
     print(json.dumps({"stage": args.command, "outputs": {k: v["path"] for k, v in entry["outputs"].items()},
                       "metrics": entry["metrics"]}, indent=2, default=str))
     if args.command == "export":
@@ -170,9 +307,30 @@ def _run_sections(run_dir: Path) -> list[str]:
     return report_sections(RunDir(run_dir)) if (run_dir / MANIFEST).is_file() else []
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from edgesmith.data.shards import write_shards
+
+    index = write_shards(args.image_dir, args.out, shard_size_mb=args.shard_size_mb, force=args.force,
+                         strict=args.strict)
+    for name, split in index["splits"].items():
+        print(f"{name}: {split['count']} images in {len(split['shards'])} shard(s), "
+              f"{sum(s['bytes'] for s in split['shards']) / 2**20:.1f} MB")
+    print(f"skipped {len(index['skipped'])} unreadable file(s); shard directory: {args.out}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from edgesmith.runs import RunDir
+    from edgesmith.workflow import run_ensemble
+
+    run_ensemble(args.run_dir, members=args.members, data_path=args.data, overrides=args.overrides)
+    print(RunDir.open(args.run_dir).stage_output("ensemble", "report").read_text())
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "train": lambda a: cmd_run(a, ("train",)), "optimize": cmd_stage,
             "export": cmd_stage, "bench": cmd_stage, "models": cmd_models, "env": cmd_env,
-            "check": cmd_check, "report": cmd_report}
+            "check": cmd_check, "report": cmd_report, "data": cmd_data, "ensemble": cmd_ensemble}
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -191,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgesmith: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("edgesmith: interrupted; finished stages are recorded in the run directory's manifest.json",
-              file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during shutdown must not print a traceback
+        print("edgesmith: interrupted; the run directory's manifest.json records which stages finished; "
+              "repeat the command with --resume to continue", file=sys.stderr)
         return 130
 
 

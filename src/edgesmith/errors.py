@@ -29,3 +29,15 @@ class ExportValidationError(EdgesmithError, AssertionError):
 
 class MissingDependencyError(EdgesmithError, ImportError):
     """An optional backend is not installed."""
+
+
+class TrustError(EdgesmithError, ValueError):
+    """A file that could run code when loaded (a pickle) is not verified by a run directory's manifest."""
+
+
+class StrategyError(EdgesmithError, RuntimeError):
+    """A distribution strategy cannot be set up here (no TF_CONFIG, no TPU, created too late)."""
+
+
+class LeakageError(EdgesmithError, ValueError):
+    """An ensemble part is fitted or evaluated on rows another part was trained on."""

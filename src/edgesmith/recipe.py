@@ -24,8 +24,26 @@ EXPORT_FORMATS = (
     "tflite-dynamic",
     "tflite-int8",
     "onnx-float32",
+    "tflite-int8-float-io",  # int8 inside, float32 input and output
+    "tflite-uint8",  # int8 inside, uint8 input and output
+    "tflite-int16x8",  # int16 activations, int8 weights, int16 input and output
+    "onnx-int8",  # ONNX Runtime quantization: several variants measured, the best kept
 )
-OPTIMIZE_TECHNIQUES = ("prune", "qat")
+DEFAULT_EXPORT_FORMATS = EXPORT_FORMATS[:5]
+# ONNX Runtime int8 variants: <qdq|qoperator>-<tensor|channel>-<minmax|entropy|percentile>-<u8s8|s8s8|u8u8>[-rr]
+ONNX_INT8_VARIANTS = ("dynamic-matmul", *(
+    f"{fmt}-{granularity}-{calibration}-{types}{rr}" for fmt in ("qdq", "qoperator")
+    for granularity in ("tensor", "channel") for calibration in ("minmax", "entropy", "percentile")
+    for types in ("u8s8", "s8s8", "u8u8") for rr in ("", "-rr")))
+ONNX_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+STRATEGIES = ("auto", "none", "mirrored", "multiworker", "tpu")
+OPTIMIZE_TECHNIQUES = ("prune", "qat", "cluster", "prune_qat", "cluster_qat")
+# Rungs of the accuracy-budgeted search (edgesmith.optimize.search.RUNGS says what each one ships).
+SEARCH_LADDER = ("float32", "float16", "dynamic", "int8", "int8_more_calibration", "int8_float_io",
+                 "prune_int8", "qat_int8", "cluster_int8", "prune_qat_int8", "cluster_qat_int8",
+                 "onnx_float32", "onnx_int8")
+DEFAULT_SEARCH_LADDER = SEARCH_LADDER[:10]  # ONNX int8 tries many variants (slow); CQAT is rarely needed
+SEARCH_OBJECTIVES = ("size", "latency")
 
 
 def _opt(default: Any, **limits: Any) -> Any:
@@ -74,33 +92,80 @@ class TrainConfig:
     patience: int = _opt(2, min=1)
     cache_features: bool = True
     cache_mirrored: bool = True  # also cache a mirrored copy of every image (if data.mirror)
+    strategy: str = _opt("auto", choices=STRATEGIES)  # tf.distribute; batch_size is per replica
+    mixed_precision: bool = False  # mixed_float16 on a GPU (output layer float32); float32 + warning on CPU
+
+
+@dataclass
+class SearchConfig:
+    """The accuracy-budgeted search (``[optimize.search]``; ``edgesmith optimize RUN_DIR --max-accuracy-drop 1``).
+
+    Every ladder rung is exported, and its shipped file measured on held-out images (the val split);
+    the pick is the best ``objective`` (gzip bytes, or batch-1 p50 latency) among the rungs whose top-1
+    is at most ``max_accuracy_drop`` points below the float model's. Fine-tunes use ``[optimize]``'s
+    epochs, samples and learning rates; ``prune_*`` rungs run once per value of ``sparsities``.
+    """
+
+    enabled: bool = False
+    max_accuracy_drop: float = _opt(1.0, min=0.0, max=100.0)  # top-1 points below the float model
+    objective: str = _opt("size", choices=SEARCH_OBJECTIVES)
+    ladder: list[str] = _opt(list(DEFAULT_SEARCH_LADDER), each_in=SEARCH_LADDER)
+    sparsities: list[float] = _opt([0.5, 0.8], min=0.0, max=0.99, one_or_list=True)
+    eval_samples: int = _opt(1000, min=1)  # held-out images each candidate is measured on
+    calibration_samples: int = _opt(300, min=1)
+    more_calibration_samples: int = _opt(1000, min=1)  # the int8_more_calibration rung
+    latency_threads: int = _opt(1, min=0)  # 0 = all cores
+    latency_warmup: int = _opt(5, min=0)
+    latency_runs: int = _opt(30, min=1)
+    latency_min_seconds: float = _opt(0.5, min=0.0)
+    keep_candidates: bool = False  # keep every candidate's file in optimize/search/ (else only the pick's)
 
 
 @dataclass
 class OptimizeConfig:
-    """Pruning and quantization-aware training, each with a short fine-tune."""
+    """Pruning, clustering and quantization-aware training (and their chains), each with a fine-tune.
+
+    ``prune_qat`` / ``cluster_qat`` run prune / cluster first, then QAT that preserves the sparsity /
+    the clusters. Pruning and clustering fine-tune above the train stage's freeze boundary on cached
+    activations (``cache_frozen``), so ``finetune_samples = 0`` (the whole training split) stays cheap.
+    """
 
     techniques: list[str] = _opt(["prune", "qat"], each_in=OPTIMIZE_TECHNIQUES)
     sparsity: float = _opt(0.5, min=0.0, max=0.99)
+    prune_schedule: str = _opt("polynomial", choices=("polynomial", "constant"))
+    prune_structure: str = _opt("unstructured", choices=("unstructured", "2:4"))
+    prune_end_fraction: float = _opt(0.67, min=0.05, max=1.0)  # the target is reached at this share of the steps
+    prune_frequency: int = _opt(0, min=0)  # steps between mask updates; 0: about 25 updates before the end
     prune_epochs: int = _opt(1, min=1)
     qat_epochs: int = _opt(1, min=1)
-    finetune_samples: int = _opt(0, min=0)
+    clusters: int = _opt(16, min=2, max=256)
+    cluster_epochs: int = _opt(1, min=1)
+    finetune_samples: int = _opt(0, min=0)  # training images to fine-tune on (0: all)
+    qat_samples: int = _opt(0, min=0)  # for whole-model (QAT) fine-tunes; 0: as finetune_samples
+    cache_frozen: bool = True
+    check_samples: int = _opt(500, min=0)  # held-out images for the int8 TFLite check of each result; 0: none
     prune_learning_rate: float = _opt(1e-4, min=0.0)
     qat_learning_rate: float = _opt(1e-5, min=0.0)
+    cluster_learning_rate: float = _opt(1e-5, min=0.0)
     batch_size: int = _opt(64, min=1)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass
 class ExportConfig:
     """Formats to export and how each is validated against its source model."""
 
-    formats: list[str] = _opt(list(EXPORT_FORMATS), each_in=EXPORT_FORMATS)
+    formats: list[str] = _opt(list(DEFAULT_EXPORT_FORMATS), each_in=EXPORT_FORMATS)
     calibration_samples: int = _opt(300, min=1)
     validation_samples: int = _opt(200, min=1)
     onnx_opset: int = _opt(17, min=13, max=21)
     min_top1_agreement: float = _opt(0.98, min=0.0, max=1.0)
     min_top1_agreement_quantized: float = _opt(0.90, min=0.0, max=1.0)
     max_abs_diff_float: float = _opt(1e-3, min=0.0)
+    # int8 TFLite: run the quantization debugger when more than this share (in points) of predictions changed
+    debug_gap_points: float = _opt(1.0, min=0.0)
+    onnx_int8_variants: list[str] = _opt([], each_in=ONNX_INT8_VARIANTS)  # empty: the defaults for this CPU
+    onnx_int8_slack: float = _opt(0.01, min=0.0, max=1.0)  # agreement this close to the best: the fastest wins
 
 
 @dataclass
@@ -110,9 +175,42 @@ class BenchConfig:
     warmup: int = _opt(10, min=0)
     runs: int = _opt(50, min=1)
     min_seconds: float = _opt(1.0, min=0.0)  # timed runs continue until both runs and min_seconds are reached
-    threads: int = _opt(0, min=0)
+    threads: list[int] = _opt([1, 0], min=0, one_or_list=True)  # 0 = all cores; the first is the headline
+    batch_sizes: list[int] = _opt([1], min=1, max=4096, one_or_list=True)  # images per call; first = headline
+    device: str = _opt("cpu", choices=("cpu", "gpu"))  # gpu: ONNX on CUDA, Keras on TensorFlow's GPU
+    onnx_providers: list[str] = _opt([], each_in=ONNX_PROVIDERS)  # overrides the device's default providers
+    memory: bool = True  # peak RSS of each artifact, measured in a fresh process
     eval_limit: int = _opt(0, min=0)
     include_keras: bool = True
+
+
+ENSEMBLE_COMBINERS = ("average", "weighted", "stacked")
+ENSEMBLE_ESTIMATORS = ("random_forest", "bagged_trees", "adaboost", "hist_gradient_boosting", "stacking_svc_lr")
+# Keys older tutorials use that current libraries renamed: the message replaces "unknown key".
+RENAMED_KEYS = {
+    "ensemble.base_estimator": "was renamed 'estimator' in scikit-learn 1.2 and removed in 1.4; write "
+                               "ensemble.estimator = \"stump\" (or \"shallow_tree\") instead",
+}
+
+
+@dataclass
+class EnsembleConfig:
+    """Ensembles over this run's network and other runs' (``edgesmith ensemble RUN_DIR``)."""
+
+    members: list[str] = _opt([])  # other run directories whose train/model.keras join this run's model
+    combiners: list[str] = _opt(list(ENSEMBLE_COMBINERS), each_in=ENSEMBLE_COMBINERS)
+    estimators: list[str] = _opt(list(ENSEMBLE_ESTIMATORS), each_in=ENSEMBLE_ESTIMATORS)
+    tree_meta: bool = True  # a random forest meta-model over the members' probabilities (exported as joined ONNX)
+    estimator: str = _opt("stump", choices=("stump", "shallow_tree"))  # AdaBoost's weak learner
+    n_estimators: int = _opt(100, min=1)
+    max_depth: int = _opt(0, min=0)  # forests and bagged trees; 0 = grow fully
+    fit_split: str = _opt("val", choices=("val", "train"))  # rows meta-models and estimators are fitted on
+    allow_leakage: bool = False  # fit_split = "train": warn instead of refusing
+    svc_max_rows: int = _opt(10_000, min=0)  # an RBF SVC above this many rows counts as slow (0: never)
+    slow_policy: str = _opt("subsample", choices=("subsample", "linear", "warn"))
+    export_formats: list[str] = _opt(["tflite-float32", "onnx-float32"], each_in=("tflite-float32", "onnx-float32"))
+    shared_trunk: bool = True  # members with identical frozen lower layers share them in the folded graph
+    latency_runs: int = _opt(50, min=1)
 
 
 @dataclass
@@ -127,6 +225,7 @@ class Recipe:
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,6 +280,8 @@ def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = prefix + unknown[0]
+        if key in RENAMED_KEYS:
+            raise RecipeError(f"{origin}: {key} {RENAMED_KEYS[key]}")
         raise RecipeError(f"{origin}: unknown key {key!r}; allowed here: {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
@@ -193,6 +294,8 @@ def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
 
 
 def _check_value(key: str, value: Any, hint: Any, limits: Any, origin: str) -> Any:
+    if limits.get("one_or_list") and not isinstance(value, list):
+        value = [value]  # `threads = 2` means [2] (and older run directories recorded a single number)
     value = _coerce(key, value, hint, origin)
     items = value if isinstance(value, list) else [value]
     for item in items:

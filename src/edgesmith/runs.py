@@ -104,6 +104,11 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
+def jsonable(data: Any) -> Any:
+    """``data`` as it reads back from JSON (tuples become lists, NumPy scalars plain numbers)."""
+    return json.loads(json.dumps(data, default=_json_default))
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
@@ -148,7 +153,7 @@ class RunDir:
             raise RunDirError(f"{run.path} is a file, not a folder; choose another --out")
         if run.manifest_path.exists() and not force:
             raise RunDirError(
-                f"{run.path} already holds a run; pass --force to overwrite it "
+                f"{run.path} already holds a run; pass --force to overwrite it, --resume to continue it "
                 "or --out to choose another folder"
             )
         try:
@@ -218,6 +223,13 @@ class RunDir:
         write_json(self.manifest_path, data)
         return entry
 
+    def forget_stages(self, stages: tuple[str, ...] | list[str]) -> None:
+        """Drop the records of stages about to run again, so a stale record never passes for a finished one."""
+        data = self.manifest()
+        for stage in stages:
+            data.get("stages", {}).pop(stage, None)
+        write_json(self.manifest_path, data)
+
     def stage_output(self, stage: str, key: str) -> Path:
         """Path of an output a finished stage recorded, e.g. ``stage_output("train", "model")``."""
         stage_entry = self.manifest().get("stages", {}).get(stage)
@@ -234,6 +246,37 @@ class RunDir:
     def stage_outputs(self, stage: str) -> dict[str, Path]:
         entry = self.manifest().get("stages", {}).get(stage, {})
         return {k: self.path / v["path"] for k, v in entry.get("outputs", {}).items()}
+
+    @classmethod
+    def enclosing(cls, path: str | Path) -> RunDir | None:
+        """The nearest run directory above ``path`` (a parent folder holding a manifest), or None."""
+        for folder in Path(path).resolve().parents:
+            if (folder / MANIFEST).is_file():
+                return cls(folder)
+        return None
+
+    def output_holding(self, path: str | Path) -> dict[str, Any] | None:
+        """The recorded output (its manifest entry) that is ``path`` or a folder holding it, or None."""
+        target = Path(path).resolve()
+        for entry in self.manifest().get("stages", {}).values():
+            for output in entry.get("outputs", {}).values():
+                recorded = (self.path / output["path"]).resolve()
+                if recorded == target or recorded in target.parents:
+                    return output
+        return None
+
+    def output_intact(self, output: dict[str, Any]) -> bool:
+        """Whether a recorded output still exists with the sha256 recorded for it."""
+        path = self.path / output["path"]
+        return "sha256" in output and path.exists() and sha256_file(path) == output["sha256"]
+
+    def changed_outputs(self, stage: str) -> list[str]:
+        """Names of a finished stage's outputs that are missing or changed since it recorded them.
+
+        An output recorded without a sha256 (it did not exist when the stage finished) is not checked.
+        """
+        outputs = self.manifest().get("stages", {}).get(stage, {}).get("outputs", {})
+        return [key for key, out in outputs.items() if "sha256" in out and not self.output_intact(out)]
 
     def _describe_file(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)

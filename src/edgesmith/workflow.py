@@ -8,6 +8,7 @@ records config, inputs, outputs (sha256) and metrics. Any stage can be re-run al
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -17,25 +18,29 @@ import numpy as np
 
 from edgesmith.data.datasets import ImageDataset, load_dataset
 from edgesmith.data.spec import PreprocessSpec
-from edgesmith.errors import ExportValidationError, ModelError
+from edgesmith.errors import ExportValidationError, ModelError, RecipeError, RunDirError
 from edgesmith.recipe import Recipe, recipe_from_dict
-from edgesmith.runs import RunDir, atomic_path, write_json
+from edgesmith.runs import MANIFEST, RunDir, atomic_path, jsonable, read_json, write_json
 
 log = logging.getLogger(__name__)
 RECIPE_FILE = "recipe.json"
 
 
-def save_recipe(run: RunDir, recipe: Recipe, data_path: str | Path | None) -> None:
+def resolved_recipe(recipe: Recipe, data_path: str | Path | None) -> dict[str, Any]:
+    """The recipe as a run records it: plain JSON data, with ``--data`` resolved into ``data.path``."""
     resolved = recipe.to_dict()
     if data_path:
         resolved["data"]["path"] = str(Path(data_path).resolve())
+    return jsonable(resolved)
+
+
+def save_recipe(run: RunDir, recipe: Recipe, data_path: str | Path | None) -> None:
+    resolved = resolved_recipe(recipe, data_path)
     write_json(run.path / RECIPE_FILE, resolved)
     run.update_manifest(recipe=resolved)
 
 
 def load_run_recipe(run: RunDir) -> Recipe:
-    from edgesmith.runs import read_json
-
     return recipe_from_dict(read_json(run.path / RECIPE_FILE), origin=str(run.path / RECIPE_FILE))
 
 
@@ -51,7 +56,7 @@ def run_train(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]
     from edgesmith.train import train
 
     folder = run.stage_dir("train")
-    result = train(data, recipe)
+    result = train(data, recipe, checkpoint_dir=folder / "checkpoints")  # a rerun resumes; removed when done
     model_path = _save_keras(result.model, folder / "model.keras")
     spec_path = result.spec.save(folder)
     history_path = write_json(folder / "history.json", result.history)
@@ -114,8 +119,52 @@ def run_optimize(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, A
     outputs["preprocess"] = spec.save(folder)
     outputs["report"] = write_json(folder / "optimize.json", result.report)
     metrics = {"seconds": round(time.perf_counter() - started, 1), **_summary(result.report)}
+    if recipe.optimize.search.enabled:
+        search_outputs, metrics["search"] = run_search(model, spec, recipe, data, folder)
+        outputs.update(search_outputs)
+        metrics["seconds"] = round(time.perf_counter() - started, 1)
     return run.record_stage("optimize", config=recipe.to_dict()["optimize"],
                             inputs={"model": run.stage_output("train", "model")}, outputs=outputs, metrics=metrics)
+
+
+def run_search(model: Any, spec: PreprocessSpec, recipe: Recipe, data: ImageDataset, folder: Path
+               ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The accuracy-budgeted search into ``folder``: search.json/.md/.png and the picked file (in search/).
+
+    Unless ``optimize.search.keep_candidates``, only the pick's file is kept of the candidates.
+    """
+    from edgesmith.optimize import search
+    from edgesmith.optimize.search_report import write_search_report
+
+    candidates = folder / "search"
+    if candidates.exists():  # an earlier search's files would pass for this one's
+        shutil.rmtree(candidates)
+    result = search(model, data, recipe.optimize, spec=spec, seed=recipe.seed, mirror=recipe.data.mirror,
+                    export_cfg=recipe.export, out_dir=candidates)
+    if not recipe.optimize.search.keep_candidates:
+        _remove_candidates(result.candidates, candidates, keep=result.pick)
+    outputs = dict(write_search_report(result, folder, title=f"accuracy-budgeted search: {recipe.name}"))
+    if result.pick is not None:
+        outputs["search_pick"] = candidates / result.pick_row["path"]
+    return outputs, search_summary(result)
+
+
+def _remove_candidates(rows: list[dict[str, Any]], folder: Path, keep: str | None) -> None:
+    """Delete every candidate's file but the pick's (its row's path becomes None)."""
+    for row in rows:
+        if row.get("path") and row["name"] != keep:
+            (folder / row["path"]).unlink(missing_ok=True)
+            row["path"] = None
+
+
+def search_summary(result: Any) -> dict[str, Any]:
+    """What the manifest records of a search: budget, objective, the pick (or none and why), the Pareto set."""
+    pick = result.pick_row or {}
+    return {"objective": result.objective, "max_accuracy_drop": result.max_accuracy_drop,
+            "float_top1": result.float_top1, "eval_samples": result.eval_samples, "pick": result.pick,
+            "reason": result.reason, "pareto": result.pareto, "candidates": len(result.candidates),
+            **{f"pick_{key}": pick[key] for key in ("top1", "drop_points", "bytes", "gzip_bytes", "latency_p50_ms")
+               if key in pick}}
 
 
 def _summary(report: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -125,11 +174,17 @@ def _summary(report: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def float_artifact_name(fmt: str) -> str:
+    """Artifact name of a float model's export: ``tflite-int8-float-io`` -> ``float_int8_float_io``,
+    ``onnx-float32`` -> ``float_onnx``, ``onnx-int8`` -> ``float_onnx_int8``."""
+    name = "onnx" if fmt == "onnx-float32" else fmt.removeprefix("tflite-")
+    return "float_" + name.replace("-", "_")
+
+
 def export_plan(run: RunDir, recipe: Recipe) -> list[tuple[str, str, Path, bool]]:
     """(artifact name, format, source model file, source is QAT) for every export of this run."""
     formats = recipe.export.formats
-    plan = [(f"float_{fmt.split('-', 1)[1]}" if fmt.startswith("tflite") else "float_onnx", fmt,
-             run.stage_output("train", "model"), False) for fmt in formats]
+    plan = [(float_artifact_name(fmt), fmt, run.stage_output("train", "model"), False) for fmt in formats]
     optimized = run.stage_outputs("optimize")
     if "tflite-int8" in formats and "pruned" in optimized:
         plan.append(("pruned_int8", "tflite-int8", optimized["pruned"], False))
@@ -196,6 +251,9 @@ def bench_artifacts(run: RunDir, recipe: Recipe) -> dict[str, Path]:
     for name, path in run.stage_outputs("export").items():
         if path.suffix in (".tflite", ".onnx"):
             artifacts[name] = path
+    pick = run.stage_outputs("optimize").get("search_pick")  # the accuracy-budgeted search's pick
+    if pick is not None and pick.suffix in (".tflite", ".onnx"):
+        artifacts["search_pick"] = pick
     return artifacts
 
 
@@ -243,12 +301,42 @@ def report_sections(run: RunDir) -> list[str]:
 STAGE_RUNNERS = {"train": run_train, "optimize": run_optimize, "export": run_export, "bench": run_bench}
 
 
-def run_stage(stage: str, run_dir: str | Path, *, data_path: str | Path | None = None) -> dict[str, Any]:
-    """Re-run one stage on an existing run directory, with the recipe and data it recorded."""
+def run_stage(stage: str, run_dir: str | Path, *, data_path: str | Path | None = None,
+              overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Re-run one stage on an existing run directory, with the recipe and data it recorded.
+
+    ``overrides`` (``key=value``, e.g. ``bench.batch_sizes=[1, 8]``) change the recipe for this stage
+    only; the stage's manifest entry records the configuration it ran with.
+    """
+    from edgesmith.recipe import apply_overrides
+
     run = RunDir.open(run_dir)
     recipe = load_run_recipe(run)
+    if overrides:
+        recipe = apply_overrides(recipe, list(overrides))
     data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path)
     return STAGE_RUNNERS[stage](run, recipe, data)
+
+
+def run_ensemble(run_dir: str | Path, *, members: list[str] | tuple[str, ...] = (),
+                 data_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ensemble stage on a run whose train stage finished: this run's model plus ``members``' models.
+
+    Args:
+        run_dir: the run directory; its recipe's ``[ensemble]`` section (after ``overrides``) configures it.
+        members: further run directories (their train stage's model joins as a member).
+        data_path: the data folder, if it moved since the run was made.
+        overrides: ``key=value`` recipe overrides, e.g. ``ensemble.estimators=["adaboost"]``.
+    """
+    from edgesmith.recipe import apply_overrides
+    from edgesmith.train.ensemble.stage import run_ensemble_stage
+
+    run = RunDir.open(run_dir)
+    recipe = load_run_recipe(run)
+    if overrides:
+        recipe = apply_overrides(recipe, list(overrides))
+    data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path)
+    return run_ensemble_stage(run, recipe, data, members=list(members))
 
 
 def check_model_config(recipe: Recipe) -> None:
@@ -263,17 +351,41 @@ def check_model_config(recipe: Recipe) -> None:
 
 
 def run_recipe(recipe: Recipe, *, out: str | Path, data_path: str | Path | None = None, force: bool = False,
-               stages: tuple[str, ...] = tuple(STAGE_RUNNERS)) -> RunDir:
+               resume: bool = False, stages: tuple[str, ...] = tuple(STAGE_RUNNERS)) -> RunDir:
     """Run the recipe's stages in order into the run directory ``out``.
 
     The backbone, the weights file and the data set are checked before the run directory is created.
+    With ``resume``, ``out`` must hold a run of the same recipe: stages it recorded as finished whose
+    outputs are unchanged (sha256) are skipped, and the first other stage and all later ones run.
+
+    Raises:
+        RunDirError: ``out`` holds a run and neither ``force`` nor ``resume`` is given; ``resume`` and
+            ``force`` together; ``resume`` on a folder that holds no run.
+        RecipeError: ``resume`` with a recipe that differs from the recorded one (the keys are named).
     """
-    if "train" in stages:
+    if resume and force:
+        raise RunDirError("--resume and --force contradict each other: --resume continues the run in --out, "
+                          "--force starts it over; pass only one")
+    run = open_to_resume(out, recipe, data_path) if resume else None
+    todo = stages_to_resume(run, stages) if run else stages
+    if "train" in todo:
         check_model_config(recipe)
-    data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path)
-    run = RunDir.create(out, force=force)
-    save_recipe(run, recipe, data_path)
+    data = load_dataset(recipe.data, seed=recipe.seed, data_path=data_path) if todo else None
+    if run is None:
+        run = RunDir.create(out, force=force)
+        save_recipe(run, recipe, data_path)
+    elif todo:
+        run.update_manifest(resumed=[*run.manifest().get("resumed", []), todo[0]])
+    run_stages(run, recipe, data, todo)
+    return run
+
+
+def run_stages(run: RunDir, recipe: Recipe, data: ImageDataset | None, stages: tuple[str, ...]) -> None:
+    """Run ``stages`` in order; the manifest's status says which one did not finish if one fails."""
     started = time.perf_counter()
+    if stages:  # their old records (and those of every later stage) no longer describe the outputs
+        order = tuple(STAGE_RUNNERS)
+        run.forget_stages(order[order.index(stages[0]):])
     for stage in stages:
         log.info("== %s ==", stage)
         stage_started = time.perf_counter()
@@ -286,5 +398,55 @@ def run_recipe(recipe: Recipe, *, out: str | Path, data_path: str | Path | None 
         log.info("%s finished in %.0f s", stage, time.perf_counter() - stage_started)
     failed = failed_exports(run)
     status = f"complete; failed validation: {', '.join(failed)}" if failed else "complete"
-    run.update_manifest(status=status, wall_seconds=round(time.perf_counter() - started, 1))
+    timing = {"wall_seconds": round(time.perf_counter() - started, 1)} if stages else {}
+    run.update_manifest(status=status, **timing)
+
+
+def open_to_resume(out: str | Path, recipe: Recipe, data_path: str | Path | None) -> RunDir:
+    """The run directory ``out``, checked to hold a run of this very recipe."""
+    if not (Path(out) / MANIFEST).is_file():
+        raise RunDirError(f"--resume: {out} holds no run to resume (no {MANIFEST}); "
+                          "drop --resume to start a new run there")
+    run = RunDir.open(out)
+    recorded = resolved_recipe(load_run_recipe(run), None)  # keys added to Recipe since then read as defaults
+    differing = differing_keys(recorded, resolved_recipe(recipe, data_path))
+    if differing:
+        shown = "; ".join(f"{key} (recorded {old!r}, given {new!r})" for key, old, new in differing)
+        raise RecipeError(f"--resume: the recipe differs from the one recorded in {run.path / RECIPE_FILE} at "
+                          f"{shown}; resume with the same recipe, --set, --strict and --data values, "
+                          "or start over with --force")
     return run
+
+
+def differing_keys(recorded: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, given value) for every key whose values differ, in sorted key order."""
+    old, new = _flatten(recorded), _flatten(given)
+    keys = sorted(old.keys() | new.keys())
+    return [(key, old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)]
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def stages_to_resume(run: RunDir, stages: tuple[str, ...]) -> tuple[str, ...]:
+    """The first of ``stages`` that has not finished with its outputs intact, and every later one."""
+    finished = run.manifest().get("stages", {})
+    for index, stage in enumerate(stages):
+        if stage not in finished:
+            log.info("resume: %s has not finished; running it and every later stage", stage)
+            return stages[index:]
+        changed = run.changed_outputs(stage)
+        if changed:
+            log.info("resume: %s outputs missing or changed since recorded (%s); running it again and every "
+                     "later stage", stage, ", ".join(changed))
+            return stages[index:]
+        log.info("resume: %s finished and its outputs are intact; skipped", stage)
+    log.info("resume: every stage finished and its outputs are intact; nothing to run")
+    return ()

@@ -11,9 +11,10 @@ from typing import Any
 from edgesmith.bench.report_schema import ReportError, validate_report
 from edgesmith.runs import write_json, write_text
 
-COLUMNS = ("name", "format", "runtime", "input_dtype", "top1", "bytes", "gzip_bytes", "params",
-           "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_mean_ms", "latency_std_ms",
-           "latency_runs", "throughput_ips", "cold_start_ms", "threads", "eval_samples")
+COLUMNS = ("name", "format", "runtime", "device", "provider", "input_dtype", "top1", "bytes", "gzip_bytes", "params",
+           "latency_batch", "threads", "batch_mode", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+           "latency_mean_ms", "latency_std_ms", "latency_runs", "throughput_ips", "cold_start_ms", "peak_rss_bytes",
+           "rss_before_load_bytes", "eval_samples", "note")
 QUANTIZED_DTYPES = ("int8", "uint8", "int16")
 
 
@@ -35,10 +36,10 @@ def _ms(value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One table: top-1, size, gzip size, parameters, latency percentiles, throughput, cold start."""
+    """One row per artifact: top-1, size, gzip size, parameters, headline latency, cold start, peak memory."""
     header = ("| model | format | runtime | top-1 % | agrees % | size | gzip | params | p50 ms | p90 ms | p99 ms | "
-              "img/s | cold start ms | threads |")
-    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "img/s | cold start ms | threads | peak RSS MB |")
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ips, agrees = r.get("throughput_ips"), r.get("top1_agreement")
         lines.append(
@@ -46,8 +47,41 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{'ref' if agrees is None else f'{100 * agrees:.2f}'} | "
             f"{_human_bytes(r.get('bytes'))} | {_human_bytes(r.get('gzip_bytes'))} | {r['params']:,} | "
             f"{_ms(r['latency_p50_ms'])} | {_ms(r['latency_p90_ms'])} | {_ms(r.get('latency_p99_ms'))} | "
-            f"{'-' if ips is None else f'{ips:,.0f}'} | {_ms(r.get('cold_start_ms'))} | {r['threads']} |"
+            f"{'-' if ips is None else f'{ips:,.0f}'} | {_ms(r.get('cold_start_ms'))} | {r['threads']} | "
+            f"{_memory(r)} |"
         )
+    return "\n".join(lines)
+
+
+def _memory(row: dict[str, Any]) -> str:
+    """Peak RSS in MB and, in brackets, what loading and running the model added to the process."""
+    peak, before = row.get("peak_rss_bytes"), row.get("rss_before_load_bytes")
+    if peak is None:
+        return "-"
+    return _mb(peak) + ("" if before is None else f" (+{_mb(peak - before)})")
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value / 1e6:.1f}"
+
+
+def latency_table(entries: list[dict[str, Any]]) -> str:
+    """One row per (artifact, batch size, thread count), then the notes of the rows that have one."""
+    lines = ["| model | device | provider | batch | threads | mode | p50 ms | p90 ms | p99 ms | img/s | "
+             "peak RSS MB |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    notes: dict[str, list[str]] = {}
+    for e in entries:
+        ips = e.get("throughput_ips")
+        lines.append(
+            f"| {e['name']} | {e['device']} | {e['provider']} | {e['latency_batch']} | {e['threads']} | "
+            f"{e['batch_mode']} | {_ms(e['latency_p50_ms'])} | {_ms(e['latency_p90_ms'])} | "
+            f"{_ms(e.get('latency_p99_ms'))} | {'-' if ips is None else f'{ips:,.0f}'} | "
+            f"{_mb(e.get('peak_rss_bytes'))} |"
+        )
+        if e.get("note"):
+            where = f"{e['name']} (batch {e['latency_batch']}, threads {e['threads']})"
+            notes.setdefault(e["note"], []).append(where)
+    lines += [f"\n{', '.join(where)}: {note}." for note, where in notes.items()]
     return "\n".join(lines)
 
 
@@ -79,19 +113,21 @@ def _quantized(row: dict[str, Any]) -> bool:
 def render_markdown(report: dict[str, Any], title: str, extra_sections: list[str] = ()) -> str:
     env = report["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    rows = report["rows"]
     parts = [
         f"# {title}",
         "",
-        markdown_table(report["rows"]),
+        markdown_table(rows),
         "",
-        f"Accuracy: top-1 on {report['rows'][0]['eval_samples'] if report['rows'] else 0} held-out images; "
+        f"Accuracy: top-1 on {rows[0]['eval_samples'] if rows else 0} held-out images; "
         f"'agrees' is the share of them on which a model predicts the same class as "
-        f"{report['rows'][0]['name'] if report['rows'] else 'the first row'} (ref). "
-        f"Latency: {_latency_method(report['rows'])}",
-        *[f"\n{note}" for note in latency_notes(report["rows"])],
+        f"{rows[0]['name'] if rows else 'the first row'} (ref). "
+        f"Latency: {_latency_method(rows)}",
+        *[f"\n{note}" for note in latency_notes(rows)],
+        *_latency_section(report.get("latency")),
         "",
-        f"Environment: {env['cpu']} ({env['cores']} cores, {env['threads']} threads; "
-        f"flags {' '.join(env['cpu_flags']) or '-'}), Python {env['python']}; {versions}.",
+        f"Environment: {env['cpu']} ({env['cores']} cores, {_threads_text(env)}; "
+        f"flags {' '.join(env['cpu_flags']) or '-'}), Python {env['python']}; {versions}{_gpu_text(env)}.",
         *[f"\n{s}" for s in extra_sections],
         "",
         "![accuracy vs size](accuracy_vs_size.png) ![accuracy vs latency](accuracy_vs_latency.png)",
@@ -100,13 +136,54 @@ def render_markdown(report: dict[str, Any], title: str, extra_sections: list[str
     return "\n".join(parts)
 
 
+def _latency_section(entries: list[dict[str, Any]] | None) -> list[str]:
+    if not entries:
+        return []
+    return ["", "## Latency by batch size and threads", "",
+            "p50/p90/p99 are per call of `batch` images; img/s = batch x calls / time. Mode: native (one call), "
+            "resized (a fixed-batch TFLite model resized), loop (a fixed-batch model called once per sample).",
+            "", latency_table(entries)]
+
+
+def _threads_text(env: dict[str, Any]) -> str:
+    counts = env.get("thread_counts")
+    if counts and len(counts) > 1:
+        return f"threads measured: {', '.join(map(str, counts))}, headline {env['threads']}"
+    return f"{env['threads']} threads"
+
+
+def _gpu_text(env: dict[str, Any]) -> str:
+    gpus = "; ".join(env.get("gpus") or []) or "none"
+    device = env.get("device")
+    return f"; GPUs: {gpus}" + (f"; device {device}" if device else "")
+
+
 def _latency_method(rows: list[dict[str, Any]]) -> str:
     runs = [r["latency_runs"] for r in rows]
     if not rows or "latency_warmup" not in rows[0]:
         return "batch 1, warm-up then timed runs of the runtime alone."
     return (f"batch {rows[0].get('latency_batch', 1)}, {rows[0]['latency_warmup']} warm-up calls, then timed "
             f"calls of the runtime alone ({min(runs):,} to {max(runs):,} per model, until both the minimum "
-            "count and the minimum time were reached); cold start is loading plus the first inference.")
+            "count and the minimum time were reached); cold start is loading plus the first inference; "
+            "peak RSS is the resident memory of a fresh process that loaded and ran the model (in brackets: "
+            "what the model added to the runtime's own).")
+
+
+def results_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The flat rows of results.csv: one per latency entry, each with its artifact's accuracy and size.
+
+    A report without latency entries (written before they existed) gives its rows as they are.
+    """
+    entries = report.get("latency")
+    if not entries:
+        return report["rows"]
+    rows = {row["name"]: row for row in report["rows"]}
+    return [{**_without_latency(rows[e["name"]]), **e} for e in entries]
+
+
+def _without_latency(row: dict[str, Any]) -> dict[str, Any]:
+    measured = {"device", "provider", "batch_mode", "note", "threads", "peak_rss_bytes", "throughput_ips"}
+    return {k: v for k, v in row.items() if not k.startswith("latency_") and k not in measured}
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -173,7 +250,7 @@ def write_reports(report: dict[str, Any], out_dir: str | Path, *, title: str,
     out_dir = Path(out_dir)
     written = {
         "report_json": write_json(out_dir / "report.json", report),
-        "results_csv": write_text(out_dir / "results.csv", csv_text(report["rows"])),
+        "results_csv": write_text(out_dir / "results.csv", csv_text(results_rows(report))),
     }
     for path in plot_tradeoffs(report["rows"], out_dir):
         written[path.stem] = path

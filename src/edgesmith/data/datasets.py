@@ -1,7 +1,8 @@
 """Data sets: an image folder (``train/<class>/*.jpg`` + ``test/`` or ``val/``) and named sets.
 
-A data set is a list of splits; each split holds either image file paths (decoded lazily by the
-tf.data pipeline) or an in-memory uint8 array, plus integer labels. Class names come from the
+A data set is a list of splits; each split holds image file paths (decoded lazily by the
+tf.data pipeline), an in-memory uint8 array, or rows of TFRecord shards (streamed, see
+:mod:`edgesmith.data.shards`), plus integer labels. Class names come from the
 folder names, sorted, and travel with the model in its :class:`PreprocessSpec`.
 """
 
@@ -13,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,16 +28,20 @@ HELD_OUT_NAMES = ("test", "val", "validation")
 
 @dataclass(frozen=True)
 class Split:
-    """One split: labels plus either ``files`` (paths) or ``images`` (uint8 N x H x W x 3).
+    """One split: labels plus ``files`` (paths), ``images`` (uint8 N x H x W x 3) or shard ``records``.
 
     ``use_pillow`` marks the files TensorFlow's decoder misreads (see :mod:`edgesmith.data.validate`);
     the pipeline decodes those through Pillow. None means every file decodes with TensorFlow.
+    ``records`` are the rows' positions in ``shards`` (a :class:`edgesmith.data.shards.ShardFiles`),
+    ascending; the pipeline streams them from the shard files.
     """
 
     labels: np.ndarray
     files: np.ndarray | None = None
     images: np.ndarray | None = None
     use_pillow: np.ndarray | None = None
+    records: np.ndarray | None = None
+    shards: Any = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,7 +52,7 @@ class Split:
             return None if array is None else array[indices]
 
         return Split(labels=self.labels[indices], files=pick(self.files), images=pick(self.images),
-                     use_pillow=pick(self.use_pillow))
+                     use_pillow=pick(self.use_pillow), records=pick(self.records), shards=self.shards)
 
     def class_counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
@@ -265,7 +271,8 @@ def load_dataset(
     Args:
         config: a :class:`edgesmith.recipe.DataConfig`.
         seed: seeds the validation split and subsets.
-        data_path: overrides ``config.path`` (the CLI's ``--data``).
+        data_path: overrides ``config.path`` (the CLI's ``--data``). An image folder or a shard
+            directory written by ``edgesmith data shard`` (recognized by its ``index.json``).
         strict: unreadable image files fail the load instead of being skipped (also set by a
             ``strict`` field of ``config``, if it has one).
 
@@ -283,8 +290,11 @@ def load_dataset(
     if config.dataset == "digits":
         dataset = digits(seed=seed)
     elif path:
+        from edgesmith.data.shards import is_shard_dir, shard_dataset
+
         name = config.dataset if config.dataset != "folder" else None
-        dataset = image_folder(path, name=name, strict=strict)
+        read = shard_dataset if is_shard_dir(path) else image_folder
+        dataset = read(path, name=name, strict=strict)
     elif config.dataset == "cifar10":
         dataset = cifar10_download()
     else:

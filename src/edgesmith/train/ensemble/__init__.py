@@ -1,0 +1,1 @@
+"""Ensembles: network members, scikit-learn models on their embeddings, one deployable graph."""
