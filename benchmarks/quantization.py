@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesmith.bench.measure import measure_latency
 from edgesmith.data.datasets import image_folder, limit_per_class
 from edgesmith.data.pipeline import load_pixels
 from edgesmith.data.spec import PreprocessSpec
@@ -59,14 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def batch1_ms(path: Path, sample: np.ndarray, threads: int, runs: int = 200) -> float:
     call = load_runner(path, threads=threads).latency_call(sample)
-    for _ in range(30):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
+    return measure_latency(call, warmup=30, runs=runs)["latency_p50_ms"]
 
 
 def top1(path_or_model: object, inputs: np.ndarray, labels: np.ndarray) -> float:

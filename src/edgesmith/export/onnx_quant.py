@@ -206,15 +206,9 @@ def check_no_conv_integer(path: str | Path) -> None:
 
 
 def _batch1_latency_ms(runner: Any, sample: np.ndarray, runs: int = 40) -> float:
-    call = runner.latency_call(sample)
-    for _ in range(10):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
+    from edgesmith.bench.measure import measure_latency
+
+    return measure_latency(runner.latency_call(sample), warmup=10, runs=runs)["latency_p50_ms"]
 
 
 def _measure(path: Path, held_out: np.ndarray, reference: np.ndarray, result: VariantResult) -> None:

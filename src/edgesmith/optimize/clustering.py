@@ -14,7 +14,8 @@ import numpy as np
 from edgesmith._keras import keras
 from edgesmith.data.datasets import ImageDataset
 from edgesmith.data.spec import PreprocessSpec
-from edgesmith.optimize.finetune import FineTuner, copy_model, is_batchnorm, rewrap, tfmot, unfreeze_all_but_batchnorm
+from edgesmith.optimize import pruning
+from edgesmith.optimize.finetune import FineTuner, copy_model, rewrap, tfmot, unfreeze_all_but_batchnorm
 from edgesmith.optimize.pruning import weight_bytes
 from edgesmith.recipe import OptimizeConfig
 
@@ -36,16 +37,9 @@ def is_cluster_wrapper(layer: keras.layers.Layer) -> bool:
 
 
 def skip_reason(layer: keras.layers.Layer, index: int, cut: int) -> str | None:
-    kind = type(layer).__name__
-    if index <= cut:
-        return f"{kind}: below the freeze boundary (frozen, not fine-tuned)"
-    if is_batchnorm(layer):
-        return f"{kind}: normalization statistics, not a kernel"
-    if not clusterable_weights(layer):
-        return f"{kind}: no clusterable kernel in tfmot's ClusteringRegistry"
-    if not layer.trainable:
-        return f"{kind}: frozen (trainable = False)"
-    return None
+    """Why a layer with weights is not clustered (None: it is clustered)."""
+    return pruning.skip_reason(layer, index, cut, supported=clusterable_weights, kernel="clusterable",
+                               registry="ClusteringRegistry")
 
 
 def cluster(model: keras.Model, data: ImageDataset, cfg: OptimizeConfig, *, spec: PreprocessSpec,

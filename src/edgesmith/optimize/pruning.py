@@ -43,15 +43,16 @@ def prunable(layer: keras.layers.Layer) -> bool:
     return PruneRegistry.supports(layer) and bool(PruneRegistry._weight_names(layer))
 
 
-def skip_reason(layer: keras.layers.Layer, index: int, cut: int) -> str | None:
-    """Why a layer with weights is not pruned (None: it is pruned)."""
+def skip_reason(layer: keras.layers.Layer, index: int, cut: int, *, supported: Any = None,
+                kernel: str = "prunable", registry: str = "PruneRegistry") -> str | None:
+    """Why a layer with weights is not pruned (None: it is pruned); clustering passes its own registry check."""
     kind = type(layer).__name__
     if index <= cut:
         return f"{kind}: below the freeze boundary (frozen, not fine-tuned)"
     if is_batchnorm(layer):
         return f"{kind}: normalization statistics, not a kernel"
-    if not prunable(layer):
-        return f"{kind}: no prunable kernel in tfmot's PruneRegistry"
+    if not (supported or prunable)(layer):
+        return f"{kind}: no {kernel} kernel in tfmot's {registry}"
     if not layer.trainable:
         return f"{kind}: frozen (trainable = False)"
     return None
