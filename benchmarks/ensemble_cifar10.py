@@ -1,7 +1,7 @@
 """Measure ensembles on CIFAR-10: members, bagging, boosting, stacking, and the shipped single files.
 
-    nice -n 10 .venv/bin/python benchmarks/ensemble_cifar10.py --members /tmp/g/cifar/members \
-        --reference /work/cifar10_run/train/model.keras --out /tmp/g/cifar/report
+    nice -n 10 .venv/bin/python benchmarks/ensemble_cifar10.py --members runs/ensemble_members \
+        --reference runs/cifar10/train/model.keras --out runs/ensemble_report
 
 Reads the members written by ``ensemble_cifar10_members.py`` (probabilities and embeddings per split),
 fits every ensemble on the 5,000 validation images no member was trained on, scores everything on all
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--members", type=Path, required=True)
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", default="/work/shared/data/cifar10")
+    parser.add_argument("--data", default="../shared/data/cifar10")
     parser.add_argument("--latency-runs", type=int, default=50)
     parser.add_argument("--estimators", default=",".join(EnsembleConfig().estimators),
                         help="comma-separated scikit-learn ensembles to fit (default: all)")

@@ -1,7 +1,7 @@
 """Train extra CIFAR-10 network members for the ensemble measurement, on one shared boundary cache.
 
-    nice -n 10 .venv/bin/python benchmarks/ensemble_cifar10_members.py --out /tmp/g/cifar_members \
-        --reference /work/cifar10_run/train/model.keras --member seed1:1 --member boot2:2:bootstrap
+    nice -n 10 .venv/bin/python benchmarks/ensemble_cifar10_members.py --out runs/ensemble_members \
+        --reference runs/cifar10/train/model.keras --member seed1:1 --member boot2:2:bootstrap
 
 Each ``--member NAME:SEED[:bootstrap]`` is fine-tuned with the reference run's recipe (same data split,
 so the 5,000 validation images stay unseen by every member) and saved as ``OUT/NAME/model.keras``;
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reference", type=Path, required=True, help="the train stage's model.keras")
-    parser.add_argument("--data", default="/work/shared/data/cifar10")
+    parser.add_argument("--data", default="../shared/data/cifar10")
     parser.add_argument("--member", action="append", default=[], help="NAME:SEED[:bootstrap]")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="0 keeps the recipe's")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ percent, and the p50 of two consecutive ``edgesmith.bench.bench`` runs and how f
 pinned to as many cores as it runs threads (no migrations), every measurement runs at least
 ``--min-seconds`` after 50 warm-up calls, and rounds are interleaved.
 
-    python benchmarks/latency_overhead.py --keras /work/cifar10_run/train/model.keras --threads 1
+    python benchmarks/latency_overhead.py --keras runs/cifar10/train/model.keras --threads 1
     python benchmarks/latency_overhead.py /tmp/d/mobilenet.tflite --threads 1
     python benchmarks/latency_overhead.py             # builds a small conv net to measure
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=2.0, help="minimum time per measurement")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the process to --threads cores")
     parser.add_argument("--keras", type=Path, help="also export this Keras model (e.g. the CIFAR-10 MobileNet, "
-                        "/work/cifar10_run/train/model.keras) to float32 TFLite and measure it")
+                        "runs/cifar10/train/model.keras) to float32 TFLite and measure it")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0)) if args.no_pin else pin_to_cores(args.threads)

@@ -1,6 +1,6 @@
 """Pruning on the fine-tuned CIFAR-10 model: top-1 of dense vs pruned on all 10,000 test images, and sizes.
 
-    python benchmarks/prune_cifar10.py --model /work/cifar10_run/train/model.keras \\
+    python benchmarks/prune_cifar10.py --model runs/cifar10/train/model.keras \\
         --data ../shared/data/cifar10 --out /tmp/prune_cifar10 --sparsity 0.5 0.8 --epochs 2
 
 Every pruning level shares one activation cache at the freeze boundary (computed once). For each level
@@ -56,7 +56,7 @@ def artifact_top1(path: Path, data, spec) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/work/cifar10_run/train/model.keras")
+    parser.add_argument("--model", default="runs/cifar10/train/model.keras")
     parser.add_argument("--data", default="../shared/data/cifar10")
     parser.add_argument("--recipe", default="recipes/cifar10.toml")
     parser.add_argument("--out", default="/tmp/prune_cifar10")

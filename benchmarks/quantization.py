@@ -44,7 +44,7 @@ ONNX_VARIANTS = ["qdq-channel-minmax-u8s8", "qdq-channel-minmax-s8s8", "qdq-chan
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="/work/cifar10_run/train/model.keras", help="Keras model, preprocess.json beside")
+    p.add_argument("--model", default="runs/cifar10/train/model.keras", help="Keras model, preprocess.json beside")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10"),
                    help="image folder with train/ and test/")
     p.add_argument("--limit", type=int, default=0, help="test images per class (0: all)")
