@@ -108,7 +108,8 @@ def mobilenet_weights() -> Path:
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         pytest.skip(
-            f"MobileNet ImageNet weights missing: {', '.join(missing)} (copy ../shared/keras-cache/models/* to ~/.keras/models)"
+            f"MobileNet ImageNet weights missing: {', '.join(missing)} "
+            "(copy ../shared/keras-cache/models/* to ~/.keras/models)"
         )
     return KERAS_MODELS_DIR
 
