@@ -2,7 +2,7 @@
 # GPU check: bench one model on the CPU and on the GPU with edgesmith and print both side by side.
 #
 #   benchmarks/gpu_check.sh                      # a small generated ONNX conv net (96x96x3 -> 10)
-#   benchmarks/gpu_check.sh runs/cifar10/export/float_float32.onnx [runs/cifar10/train/model.keras]
+#   benchmarks/gpu_check.sh runs/cifar10/export/float_onnx.onnx [runs/cifar10/train/model.keras]
 #
 # Needs an NVIDIA GPU (exits 1 when nvidia-smi lists none). Installs edgesmith's [gpu] extra
 # (onnxruntime-gpu in place of onnxruntime: both wheels ship the same `onnxruntime` module) when

@@ -387,6 +387,17 @@ def test_lambda_layer_is_refused_unless_trusted(tmp_path):
     np.testing.assert_allclose(trusted(np.ones((1, 4), np.float32)).numpy(), 2.0)
 
 
+def test_trust_on_the_command_line_vouches_for_every_load(tmp_path, monkeypatch):
+    from edgesmith import cli, safety
+
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0, name="double")(inputs)).save(tmp_path / "lambda.keras")
+    monkeypatch.setattr(safety, "_USER_TRUSTS", False)  # restored after the test
+    assert cli.main(["models"]) == 0 and not safety.trusted()
+    assert cli.main(["--trust", "models"]) == 0 and safety.trusted()
+    assert load_keras_model(tmp_path / "lambda.keras").get_layer("double") is not None
+
+
 def keras_zip(path: Path, files: dict[str, str]) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         for name, text in files.items():

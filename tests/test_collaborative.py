@@ -86,3 +86,30 @@ def test_plain_qat_int8_file_has_many_values_per_channel(trained_tiny, digits_da
     check = result.report["qat"]["int8_check"]
     assert check["int8_max_unique_values_per_channel"] > 16
     assert check["int8_sparsity_overall"] < 0.1
+
+
+def test_run_saves_and_exports_every_technique(tmp_path, trained_tiny):
+    """Through the run directory: each technique's model is saved, loads back and ships as int8 TFLite."""
+    from conftest import tiny_recipe
+    from edgesmith.runs import RunDir
+    from edgesmith.workflow import OPTIMIZED_NAMES, bench_artifacts, run_stage, save_recipe
+
+    techniques = list(OPTIMIZED_NAMES)
+    recipe = tiny_recipe(optimize={**{k: v for k, v in vars(config()).items() if k in (
+        "finetune_samples", "batch_size", "prune_learning_rate", "cluster_learning_rate", "qat_learning_rate")},
+        "techniques": techniques, "check_samples": 0, "clusters": 16},
+        export={"formats": ["tflite-float32", "tflite-int8"], "validation_samples": 100,
+                "min_top1_agreement_quantized": 0.5})
+    run = RunDir.create(tmp_path / "run")
+    save_recipe(run, recipe, None)
+    folder = run.stage_dir("train")
+    trained_tiny.model.save(folder / "model.keras")
+    run.record_stage("train", config={}, inputs={},
+                     outputs={"model": folder / "model.keras", "preprocess": trained_tiny.spec.save(folder)})
+    optimized = run_stage("optimize", run.path)["outputs"]
+    assert {"pruned", "qat", "clustered", "pruned_qat", "clustered_qat_int8"} <= set(optimized)
+    exported = run_stage("export", run.path)["outputs"]
+    shipped = {**exported, **optimized}
+    for name in OPTIMIZED_NAMES.values():
+        assert (run.path / shipped[f"{name}_int8"]["path"]).stat().st_size > 0, name
+    assert {f"{name}_int8" for name in OPTIMIZED_NAMES.values()} <= set(bench_artifacts(run, recipe))

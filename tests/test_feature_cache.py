@@ -112,3 +112,19 @@ def test_the_key_of_an_image_folder_follows_its_files(tmp_path, make_image_folde
     touched = data.train.files[0]
     os.utime(touched, ns=(0, os.stat(touched).st_mtime_ns + 10**9))  # the file was replaced later
     assert features_key(lower, spec, data.train, flip=False, policy="float32") != key
+
+
+def test_the_key_of_shard_rows_follows_the_records_and_the_shard_files(tmp_path, make_image_folder):
+    """Two shard directories of different images with the same labels must not share cached features."""
+    from edgesmith.data.shards import shard_dataset, write_shards
+
+    images = make_image_folder(tmp_path / "images", per_class=3, test_per_class=1)
+    write_shards(images, tmp_path / "a", shard_size_mb=1 / 1024)
+    data = shard_dataset(tmp_path / "a")
+    lower, spec = small_lower(), PreprocessSpec((8, 8), "unit", data.class_names)
+    key = features_key(lower, spec, data.train, flip=False, policy="float32")
+    assert features_key(lower, spec, data.train.take(np.arange(len(data.train))[::-1]), flip=False,
+                        policy="float32") != key  # other record order
+    touched = data.train.shards.paths[0]
+    os.utime(touched, ns=(0, os.stat(touched).st_mtime_ns + 10**9))  # a shard was rewritten
+    assert features_key(lower, spec, data.train, flip=False, policy="float32") != key

@@ -183,6 +183,9 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesmith", description="Edge-ready models and hard numbers about them.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--trust", action="store_true",
+                        help="load Keras Lambda layers and pickles no run directory vouches for (they run code): "
+                             "only for files from a source you trust")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_train(sub)
@@ -343,6 +346,10 @@ def _configure_logging(quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
+    if args.trust:
+        from edgesmith.safety import trust_everything
+
+        trust_everything()
     try:
         return COMMANDS[args.command](args)
     except EdgesmithError as exc:

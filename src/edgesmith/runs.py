@@ -165,6 +165,9 @@ class RunDir:
             raise RunDirError(
                 f"{run.path}: cannot write here ({exc.strerror or exc}); choose another --out"
             ) from None
+        stale = run.path / "train" / "checkpoints"  # a forced rerun starts over; it must not resume from these
+        if force and stale.is_dir():
+            shutil.rmtree(stale)
         write_json(run.manifest_path, {"created": _now(), "stages": {}})
         return run
 

@@ -344,6 +344,9 @@ def load_keras_model(path: str | Path, *, trust: bool = False) -> Any:
         raise ModelError(f"{path}: not a Keras model file (expected {' or '.join(KERAS_SUFFIXES)})")
     import tensorflow_model_optimization as tfmot
 
+    from edgesmith.safety import trusted
+
+    trust = trusted(trust)
     try:
         with tfmot.quantization.keras.quantize_scope():
             if path.suffix == ".keras":

@@ -20,6 +20,21 @@ from edgesmith.errors import ModelError, RunDirError, TrustError
 from edgesmith.runs import MANIFEST, RunDir, atomic_path
 
 log = logging.getLogger(__name__)
+_USER_TRUSTS = False  # set by the command line's --trust for the whole command
+
+
+def trust_everything(enabled: bool = True) -> None:
+    """Vouch for every file this process loads (``--trust``): Lambda layers and unrecorded pickles load."""
+    global _USER_TRUSTS
+    _USER_TRUSTS = enabled
+    if enabled:
+        log.warning("--trust: Keras Lambda layers and pickles not recorded by a run directory will be loaded; "
+                    "they run arbitrary code, so use it only for files from a source you trust")
+
+
+def trusted(trust: bool = False) -> bool:
+    """Whether a load is vouched for: by its caller (``trust``) or by ``--trust`` on the command line."""
+    return trust or _USER_TRUSTS
 
 
 def _joblib() -> Any | None:
@@ -66,7 +81,7 @@ def load_pickle(path: str | Path, *, trust: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: pickle file does not exist; check the path or re-run the stage that writes it")
-    if not trust:
+    if not trusted(trust):
         verify_recorded(path)
     return _unpickle(path)
 

@@ -101,7 +101,13 @@ def _load_trained(run: RunDir) -> tuple[Any, PreprocessSpec]:
     return load_keras_model(model_path), PreprocessSpec.load_beside(model_path)
 
 
-OPTIMIZED_NAMES = {"prune": "pruned", "qat": "qat"}
+# optimize technique -> the model file's name (optimize/<name>.keras, .h5 for QAT models) and its int8 export
+OPTIMIZED_NAMES = {"prune": "pruned", "qat": "qat", "cluster": "clustered", "prune_qat": "pruned_qat",
+                   "cluster_qat": "clustered_qat"}
+QAT_TECHNIQUES = ("qat", "prune_qat", "cluster_qat")
+# tfmot serializes a cluster-preserving QAT wrapper with the default quantizers, so the saved model does not
+# load back (weight count mismatch): the optimize stage ships it as int8 TFLite right away instead.
+SHIPPED_BY_OPTIMIZE = ("cluster_qat",)
 
 
 def run_optimize(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]:
@@ -114,7 +120,10 @@ def run_optimize(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, A
     outputs: dict[str, Path] = {}
     for technique, optimized in result.models.items():
         name = OPTIMIZED_NAMES[technique]
-        suffix = ".h5" if technique == "qat" else ".keras"  # a QAT .keras file does not load back
+        if technique in SHIPPED_BY_OPTIMIZE:
+            outputs[f"{name}_int8"] = _ship_int8(optimized, spec, recipe, data, folder, f"{name}_int8")
+            continue
+        suffix = ".h5" if technique in QAT_TECHNIQUES else ".keras"  # a QAT .keras file does not load back
         outputs[name] = _save_keras(optimized, folder / f"{name}{suffix}")
     outputs["preprocess"] = spec.save(folder)
     outputs["report"] = write_json(folder / "optimize.json", result.report)
@@ -125,6 +134,16 @@ def run_optimize(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, A
         metrics["seconds"] = round(time.perf_counter() - started, 1)
     return run.record_stage("optimize", config=recipe.to_dict()["optimize"],
                             inputs={"model": run.stage_output("train", "model")}, outputs=outputs, metrics=metrics)
+
+
+def _ship_int8(model: Any, spec: PreprocessSpec, recipe: Recipe, data: ImageDataset, folder: Path, name: str
+               ) -> Path:
+    """A QAT model exported to int8 TFLite in ``folder``, validated against the in-memory model."""
+    from edgesmith.export import export
+
+    checks = preprocessed_samples(data, spec, "test", recipe.export.validation_samples, recipe.seed + 1)
+    return export(model, "tflite-int8", recipe.export, spec=spec, out_dir=folder, name=name,
+                  validation_inputs=checks, quantized=True).path
 
 
 def run_search(model: Any, spec: PreprocessSpec, recipe: Recipe, data: ImageDataset, folder: Path
@@ -186,10 +205,10 @@ def export_plan(run: RunDir, recipe: Recipe) -> list[tuple[str, str, Path, bool]
     formats = recipe.export.formats
     plan = [(float_artifact_name(fmt), fmt, run.stage_output("train", "model"), False) for fmt in formats]
     optimized = run.stage_outputs("optimize")
-    if "tflite-int8" in formats and "pruned" in optimized:
-        plan.append(("pruned_int8", "tflite-int8", optimized["pruned"], False))
-    if "qat" in optimized:
-        plan.append(("qat_int8", "tflite-int8", optimized["qat"], True))
+    for technique, name in OPTIMIZED_NAMES.items():
+        quantized = technique in QAT_TECHNIQUES  # a QAT model always ships as int8; the others when asked
+        if name in optimized and (quantized or "tflite-int8" in formats):
+            plan.append((f"{name}_int8", "tflite-int8", optimized[name], quantized))
     return plan
 
 
@@ -248,12 +267,10 @@ def bench_artifacts(run: RunDir, recipe: Recipe) -> dict[str, Path]:
         for name, path in run.stage_outputs("optimize").items():
             if path.suffix in (".keras", ".h5"):
                 artifacts[f"{name}_keras"] = path
-    for name, path in run.stage_outputs("export").items():
+    shipped = {**run.stage_outputs("export"), **run.stage_outputs("optimize")}  # optimize: search pick, CQAT int8
+    for name, path in shipped.items():
         if path.suffix in (".tflite", ".onnx"):
             artifacts[name] = path
-    pick = run.stage_outputs("optimize").get("search_pick")  # the accuracy-budgeted search's pick
-    if pick is not None and pick.suffix in (".tflite", ".onnx"):
-        artifacts["search_pick"] = pick
     return artifacts
 
 

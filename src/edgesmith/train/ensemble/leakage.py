@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,8 +29,8 @@ class LeakageWarning(UserWarning):
 
 def row_ids(split: Split) -> np.ndarray:
     """Stable identifiers of a split's rows: file paths, shard file and record, else a sha1 of the pixels."""
-    if split.files is not None:
-        return np.asarray(split.files).astype(str)
+    if split.files is not None:  # resolved: a relative --data must match a member's recorded absolute path
+        return np.asarray([os.path.realpath(name) for name in split.files])
     if split.records is not None:
         return _record_ids(split)
     return np.asarray([hashlib.sha1(image.tobytes()).hexdigest()[:20] for image in split.images])
