@@ -156,3 +156,18 @@ def test_bench_stage_reruns_alone(quickstart_run, tmp_path, capsys):
     assert after["stages"]["bench"]["finished"] >= before["stages"]["bench"]["finished"]
     for stage in ("train", "optimize", "export"):  # earlier stages untouched
         assert after["stages"][stage] == before["stages"][stage]
+
+
+def test_stage_set_overrides_apply_to_that_stage_only(quickstart_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(quickstart_run, run)
+    recipe_before = (run / "recipe.json").read_text()
+    assert main(["bench", str(run), "--no-memory", "--set", "bench.include_keras=false", "--set", "bench.runs=3"]) == 0
+    names = [r["name"] for r in json.loads((run / "report.json").read_text())["rows"]]
+    assert names and not any(name.endswith("_keras") for name in names)
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["bench"]
+    assert entry["config"]["include_keras"] is False and entry["config"]["runs"] == 3
+    assert (run / "recipe.json").read_text() == recipe_before  # the run's recipe is left as it is
+    capsys.readouterr()
+    assert main(["bench", str(run), "--set", "bench.nonsense=1"]) == EXIT_BAD_INPUT
+    assert "bench.nonsense" in capsys.readouterr().err

@@ -56,6 +56,8 @@ def _add_stage(sub: argparse._SubParsersAction, stage: str, help_text: str) -> N
     p = sub.add_parser(stage, help=help_text)
     p.add_argument("run_dir", help="run directory made by `edgesmith run` or `edgesmith train`")
     p.add_argument("--data", help="data folder or shard directory, if it moved since the run was made")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value for this stage only, e.g. --set optimize.techniques=[] (repeatable)")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -244,8 +246,8 @@ def _report_failed_exports(run) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from edgesmith.workflow import run_stage
 
-    overrides = {"bench": _bench_overrides, "export": _export_overrides,
-                 "optimize": _optimize_overrides}.get(args.command, lambda _: [])(args)
+    overrides = [*args.overrides, *{"bench": _bench_overrides, "export": _export_overrides,
+                                    "optimize": _optimize_overrides}.get(args.command, lambda _: [])(args)]
     entry = run_stage(args.command, args.run_dir, data_path=args.data, overrides=overrides)
     if "search_md" in entry["outputs"]:
         print((Path(args.run_dir) / entry["outputs"]["search_md"]["path"]).read_text())
