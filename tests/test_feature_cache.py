@@ -128,3 +128,15 @@ def test_the_key_of_shard_rows_follows_the_records_and_the_shard_files(tmp_path,
     touched = data.train.shards.paths[0]
     os.utime(touched, ns=(0, os.stat(touched).st_mtime_ns + 10**9))  # a shard was rewritten
     assert features_key(lower, spec, data.train, flip=False, policy="float32") != key
+
+
+def test_a_relative_and_an_absolute_data_path_share_one_key(tmp_path, make_image_folder, monkeypatch):
+    from edgesmith.data.datasets import image_folder
+
+    make_image_folder(tmp_path / "images", per_class=2, test_per_class=1)
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = image_folder("images"), image_folder(tmp_path / "images")
+    lower, spec = small_lower(), PreprocessSpec((8, 8), "unit", relative.class_names)
+    assert str(relative.train.files[0]) != str(absolute.train.files[0])
+    assert (features_key(lower, spec, relative.train, flip=False, policy="float32")
+            == features_key(lower, spec, absolute.train, flip=False, policy="float32"))

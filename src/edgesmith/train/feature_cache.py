@@ -69,10 +69,13 @@ def _hash_split(digest: hashlib._Hash, split: Split) -> None:
 
 
 def _hash_files(digest: hashlib._Hash, names: Any) -> None:
-    """Each file's path, size and modification time (not its bytes: 60,000 JPEGs would take seconds)."""
+    """Each file's resolved path, size and modification time (not its bytes: 60,000 JPEGs would take seconds).
+
+    Resolved, so ``--data ../shared/data/cifar10`` and the absolute path a run records share one cache.
+    """
     for name in names:
         stat = os.stat(name)
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{os.path.realpath(name)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
 
 
 def cached_features(key: str, rows: int, compute: Callable[[], Arrays]) -> Arrays:
