@@ -58,8 +58,11 @@ class Interrupted:
 
 def interrupt_during_training(out: Path) -> Interrupted:
     """Start `edgesmith run quickstart`, send SIGINT once the first training epoch is logged."""
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that (Python then
+    # installs no KeyboardInterrupt handler): give the child the default disposition, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "edgesmith.cli", *quickstart_argv(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(600, proc.kill)  # a hung child must not hang the suite
     watchdog.start()
     seen = []
