@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ensemble_cifar10_members import train_recipe  # this folder's member script (run as a script: on sys.path)
 
 from edgesmith.data.datasets import load_dataset
 from edgesmith.data.pipeline import load_pixels
 from edgesmith.data.spec import PreprocessSpec
-from edgesmith.recipe import EnsembleConfig, ExportConfig, recipe_from_dict
+from edgesmith.recipe import EnsembleConfig, ExportConfig
 from edgesmith.runs import read_json
 from edgesmith.runtime import load_keras_model
 from edgesmith.train.ensemble import report
@@ -33,12 +34,6 @@ from edgesmith.train.ensemble.core import MemberOutputs, fit_ensembles
 from edgesmith.train.ensemble.deploy import Shipper
 from edgesmith.train.ensemble.leakage import row_ids
 from edgesmith.train.ensemble.members import bootstrap_rows, boundary_index
-
-
-def train_recipe(path: Path):
-    """The sections of a run's recipe that the members depend on (data split, model, train)."""
-    raw = read_json(path)
-    return recipe_from_dict({key: raw[key] for key in ("name", "seed", "data", "model", "train")}, origin=str(path))
 
 
 def main() -> None:

@@ -257,3 +257,17 @@ def quickstart_run(tmp_path_factory) -> Path:
         argv += ["--set", override]
     assert main(argv) == 0
     return out
+
+
+def run_with_trained(folder: Path, trained, recipe):
+    """A run directory whose train stage holds ``trained`` (a TrainResult) under ``recipe``: later stages run on it."""
+    from edgesmith.runs import RunDir
+    from edgesmith.workflow import save_recipe
+
+    run = RunDir.create(folder)
+    save_recipe(run, recipe, None)
+    stage = run.stage_dir("train")
+    trained.model.save(stage / "model.keras")
+    run.record_stage("train", config={}, inputs={},
+                     outputs={"model": stage / "model.keras", "preprocess": trained.spec.save(stage)})
+    return run

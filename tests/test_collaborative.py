@@ -90,9 +90,8 @@ def test_plain_qat_int8_file_has_many_values_per_channel(trained_tiny, digits_da
 
 def test_run_saves_and_exports_every_technique(tmp_path, trained_tiny):
     """Through the run directory: each technique's model is saved, loads back and ships as int8 TFLite."""
-    from conftest import tiny_recipe
-    from edgesmith.runs import RunDir
-    from edgesmith.workflow import OPTIMIZED_NAMES, bench_artifacts, run_stage, save_recipe
+    from conftest import run_with_trained, tiny_recipe
+    from edgesmith.workflow import OPTIMIZED_NAMES, bench_artifacts, run_stage
 
     techniques = list(OPTIMIZED_NAMES)
     recipe = tiny_recipe(optimize={**{k: v for k, v in vars(config()).items() if k in (
@@ -100,12 +99,7 @@ def test_run_saves_and_exports_every_technique(tmp_path, trained_tiny):
         "techniques": techniques, "check_samples": 0, "clusters": 16},
         export={"formats": ["tflite-float32", "tflite-int8"], "validation_samples": 100,
                 "min_top1_agreement_quantized": 0.5})
-    run = RunDir.create(tmp_path / "run")
-    save_recipe(run, recipe, None)
-    folder = run.stage_dir("train")
-    trained_tiny.model.save(folder / "model.keras")
-    run.record_stage("train", config={}, inputs={},
-                     outputs={"model": folder / "model.keras", "preprocess": trained_tiny.spec.save(folder)})
+    run = run_with_trained(tmp_path / "run", trained_tiny, recipe)
     optimized = run_stage("optimize", run.path)["outputs"]
     assert {"pruned", "qat", "clustered", "pruned_qat", "clustered_qat_int8"} <= set(optimized)
     exported = run_stage("export", run.path)["outputs"]

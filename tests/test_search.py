@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import tiny_recipe
+from conftest import run_with_trained, tiny_recipe
 from edgesmith.cli import EXIT_BAD_INPUT, main
 from edgesmith.errors import RecipeError
 from edgesmith.optimize import search
@@ -183,16 +183,8 @@ def test_default_recipes_do_not_search():
 @pytest.fixture
 def tiny_run(tmp_path, trained_tiny):
     """A run directory whose train stage holds the tiny model; optimize runs no technique, only the search."""
-    from edgesmith.workflow import save_recipe
-
     recipe = tiny_recipe(optimize={"techniques": [], "check_samples": 0, "search": FAST})
-    run = RunDir.create(tmp_path / "run")
-    save_recipe(run, recipe, None)
-    folder = run.stage_dir("train")
-    trained_tiny.model.save(folder / "model.keras")
-    run.record_stage("train", config={}, inputs={},
-                     outputs={"model": folder / "model.keras", "preprocess": trained_tiny.spec.save(folder)})
-    return run.path
+    return run_with_trained(tmp_path / "run", trained_tiny, recipe).path
 
 
 def test_optimize_cli_flags_run_the_search_and_record_it(tiny_run, capsys):
