@@ -71,6 +71,17 @@ def test_create_refuses_an_existing_run_without_force(tmp_path):
     assert again.manifest()["stages"] == {}
 
 
+def test_force_drops_training_checkpoints_so_the_new_run_starts_over(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    checkpoints = run.stage_dir("train") / "checkpoints"
+    (checkpoints / "head").mkdir(parents=True)
+    (checkpoints / "head" / "state.json").write_text("{}")
+    (run.stage_dir("train") / "notes.txt").write_text("kept")
+    RunDir.create(tmp_path / "run", force=True)
+    assert not checkpoints.exists()
+    assert (run.stage_dir("train") / "notes.txt").read_text() == "kept"  # only the checkpoints go
+
+
 def test_create_accepts_an_existing_folder_without_manifest(tmp_path):
     (tmp_path / "run").mkdir()
     run = RunDir.create(tmp_path / "run")
