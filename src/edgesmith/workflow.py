@@ -214,14 +214,9 @@ def export_plan(run: RunDir, recipe: Recipe) -> list[tuple[str, str, Path, bool]
 
 def preprocessed_samples(data: ImageDataset, spec: PreprocessSpec, split: str, count: int, seed: int) -> np.ndarray:
     """``count`` images of a split (a seeded sample), resized and normalized exactly as for training."""
-    from edgesmith.data.datasets import limit_per_class
-    from edgesmith.data.pipeline import load_pixels
+    from edgesmith.optimize.check import preprocessed
 
-    source = getattr(data, split)
-    per_class = max(1, -(-count // data.num_classes))
-    sample = limit_per_class(source, per_class, seed)
-    pixels, _ = load_pixels(sample, spec.input_size, limit=count)
-    return spec.normalize(pixels).astype(np.float32)
+    return preprocessed(data, spec, split, count, seed)[0]
 
 
 def run_export(run: RunDir, recipe: Recipe, data: ImageDataset) -> dict[str, Any]:
