@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--float32-bytes", type=int, default=13_863_372, help="float32 TFLite bytes (README run)")
+    parser.add_argument("--prune-frozen", action="store_true",
+                        help="also prune the frozen layers below the freeze boundary (one shot, by magnitude)")
     parser.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -78,7 +80,8 @@ def main() -> None:
     results = {"dense_top1": None if args.skip_dense else keras_top1(model, data, spec), "args": vars(args)}
     print(f"dense Keras top-1: {results['dense_top1']}", flush=True)
     base_cfg = dataclasses.replace(recipe.optimize, finetune_samples=args.samples, prune_epochs=args.epochs,
-                                   prune_learning_rate=args.lr, batch_size=args.batch)
+                                   prune_learning_rate=args.lr, batch_size=args.batch,
+                                   prune_frozen=args.prune_frozen)
     tuner = FineTuner(model, data, base_cfg, spec=spec, seed=recipe.seed, mirror=recipe.data.mirror)
     for sparsity in args.sparsity:
         started = time.perf_counter()
@@ -94,6 +97,7 @@ def main() -> None:
                "int8_top1": artifact_top1(exported.path, data, spec), "int8_bytes": len(raw),
                "int8_gzip_bytes": len(gzip.compress(raw, 9)), "float32_tflite_bytes": args.float32_bytes}
         row["int8_gzip_ratio"] = round(row["int8_gzip_bytes"] / args.float32_bytes, 4)
+        row["sparsity_all_kernels"] = report["sparsity_all_kernels"]
         row["report"] = {k: v for k, v in report.items() if k not in ("sparsity_per_layer", "skipped_layers")}
         results[name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)

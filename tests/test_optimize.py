@@ -7,8 +7,9 @@ import pytest
 
 from conftest import accuracy
 from edgesmith._keras import keras
-from edgesmith.errors import ModelError
+from edgesmith.errors import ModelError, RecipeError
 from edgesmith.optimize import optimize, prune, quantization_aware
+from edgesmith.optimize.pruning import prune_below_boundary, recalibrate_batchnorm
 from edgesmith.optimize.techniques import copy_model, measure_sparsity
 from edgesmith.recipe import OptimizeConfig
 from edgesmith.zoo import build_classifier
@@ -45,6 +46,65 @@ def test_prune_reaches_the_target_sparsity(trained_tiny, digits_data, sparsity, 
     # Stripped: plain layers again, and the source model is untouched.
     assert not any("Prune" in type(layer).__name__ for layer in pruned.layers)
     assert np.mean(trained_tiny.model.get_layer("block1_conv").get_weights()[0] == 0) < 0.01
+
+
+def frozen_lower_copy(model):
+    """A copy of ``model`` whose first block is frozen, as the train stage leaves a fine-tuned backbone."""
+    frozen = copy_model(model)
+    for name in ("block0_conv", "block0_bn"):
+        frozen.get_layer(name).trainable = False
+    return frozen
+
+
+@pytest.mark.parametrize("prune_frozen", [False, True])
+def test_prune_above_the_freeze_boundary_and_optionally_below(trained_tiny, digits_data, prune_frozen):
+    model = frozen_lower_copy(trained_tiny.model)
+    cfg = OptimizeConfig(sparsity=0.6, finetune_samples=300, prune_epochs=2, batch_size=32,
+                         prune_learning_rate=1e-3, prune_frozen=prune_frozen)
+    pruned, report = prune(model, digits_data, cfg, spec=trained_tiny.spec, seed=0, mirror=False)
+    assert report["fine_tuned"].startswith("above layer 4 (block0_pool) on 300 cached activations")
+    for name in ("block1_conv", "head_dense", "predictions"):
+        assert np.mean(pruned.get_layer(name).get_weights()[0] == 0) == pytest.approx(0.6, abs=0.02), name
+    lower = pruned.get_layer("block0_conv").get_weights()[0]
+    if prune_frozen:  # one shot, exactly the target share of the smallest magnitudes
+        assert np.mean(lower == 0) == pytest.approx(0.6, abs=1 / lower.size)
+        kept = np.abs(model.get_layer("block0_conv").get_weights()[0])[lower != 0]
+        dropped = np.abs(model.get_layer("block0_conv").get_weights()[0])[lower == 0]
+        assert kept.min() >= dropped.max()
+        assert set(report["pruned_frozen_layers"]) == {"block0_conv"}
+        assert "block0_conv" in report["sparsity_per_layer"] and "block0_conv" not in report["skipped_layers"]
+        assert report["sparsity_all_kernels"] == pytest.approx(0.6, abs=0.02)
+    else:
+        assert np.mean(lower == 0) < 0.01
+        assert "below the freeze boundary" in report["skipped_layers"]["block0_conv"]
+        assert "pruned_frozen_layers" not in report
+    assert np.array_equal(model.get_layer("block0_conv").get_weights()[0],
+                          trained_tiny.model.get_layer("block0_conv").get_weights()[0])  # source untouched
+
+
+def test_recalibration_restores_the_statistics_the_layers_above_were_trained_on(trained_tiny, tiny_test_inputs):
+    inputs = tiny_test_inputs[0]
+    original = frozen_lower_copy(trained_tiny.model)
+    pruned = copy_model(original)
+    prune_below_boundary(pruned, 4, OptimizeConfig(sparsity=0.8))
+
+    def bn_output_moments(model):
+        out = keras.Model(model.input, model.get_layer("block0_bn").output)(inputs, training=False).numpy()
+        return out.mean(axis=(0, 1, 2)), out.var(axis=(0, 1, 2))
+
+    (mean0, var0), (mean1, var1) = bn_output_moments(original), bn_output_moments(pruned)
+    assert np.max(np.abs(mean1 - mean0)) > 0.05  # pruning moved them ...
+    assert recalibrate_batchnorm(pruned, original, 4, inputs) == ["block0_bn"]
+    mean2, var2 = bn_output_moments(pruned)  # ... recalibration puts them back
+    np.testing.assert_allclose(mean2, mean0, atol=1e-3)
+    np.testing.assert_allclose(var2, var0, rtol=1e-3, atol=1e-4)
+    assert np.mean(pruned.get_layer("block0_conv").get_weights()[0] == 0) == pytest.approx(0.8, abs=0.01)
+
+
+def test_prune_frozen_refuses_structured_sparsity(trained_tiny, digits_data):
+    cfg = OptimizeConfig(prune_structure="2:4", prune_frozen=True, finetune_samples=64, batch_size=32)
+    with pytest.raises(RecipeError, match="optimize.prune_frozen: supports unstructured pruning only"):
+        prune(frozen_lower_copy(trained_tiny.model), digits_data, cfg, spec=trained_tiny.spec, seed=0)
 
 
 def test_measure_sparsity_counts_exact_zeros():

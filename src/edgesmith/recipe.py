@@ -136,6 +136,8 @@ class OptimizeConfig:
     prune_structure: str = _opt("unstructured", choices=("unstructured", "2:4"))
     prune_end_fraction: float = _opt(0.67, min=0.05, max=1.0)  # the target is reached at this share of the steps
     prune_frequency: int = _opt(0, min=0)  # steps between mask updates; 0: about 25 updates before the end
+    prune_frozen: bool = False  # also prune the frozen layers below the freeze boundary (one shot, by magnitude)
+    recalibration_samples: int = _opt(2000, min=1)  # training images re-estimating their BatchNormalization statistics
     prune_epochs: int = _opt(1, min=1)
     qat_epochs: int = _opt(1, min=1)
     clusters: int = _opt(16, min=2, max=256)

@@ -101,10 +101,9 @@ class FrozenCache:
     def build(cls, model: keras.Model, data: ImageDataset, spec: PreprocessSpec, cfg: OptimizeConfig,
               seed: int) -> FrozenCache | None:
         """None when nothing is frozen (the model fine-tunes whole) or caching is switched off."""
-        first = first_trained_layer(model)
-        if not cfg.cache_frozen or first <= 1:
+        cut = frozen_boundary(model, cfg)
+        if cut < 0:
             return None
-        cut, _ = freeze_boundary(model, first)
         lower = keras.Model(model.input, model.layers[cut].output, name="frozen_lower")
         recipe = Recipe(train=TrainConfig(batch_size=cfg.batch_size))
         split = finetune_split(data, cfg.finetune_samples, seed)
@@ -116,6 +115,14 @@ class FrozenCache:
 
     def steps(self, batch_size: int) -> int:
         return math.ceil(len(self.labels) / batch_size)
+
+
+def frozen_boundary(model: keras.Model, cfg: OptimizeConfig) -> int:
+    """Index of the layer whose output a fine-tune caches (the freeze boundary); -1: it fine-tunes whole."""
+    first = first_trained_layer(model)
+    if not cfg.cache_frozen or first <= 1:
+        return -1
+    return freeze_boundary(model, first)[0]
 
 
 def cosine(learning_rate: float, steps: int) -> Any:

@@ -1,9 +1,10 @@
 """Magnitude pruning (tfmot): unstructured to a target sparsity, or 2:4 structured; always stripped.
 
 Only layers tfmot's PruneRegistry knows and that hold a prunable kernel are wrapped; every other layer
-with weights (BatchNormalization, depthwise convolutions, Rescaling/Normalization, frozen layers below
-the freeze boundary) is left as it is and listed in the report with the reason. Sparsity is measured on
-the stripped model, never taken from the schedule.
+with weights (BatchNormalization, Rescaling/Normalization, frozen layers below the freeze boundary) is
+left as it is and listed in the report with the reason. With ``prune_frozen`` the frozen kernels are
+pruned too, in one shot by magnitude, before the layers above fine-tune on their activations. Sparsity
+is measured on the stripped model, never taken from the schedule.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import numpy as np
 from edgesmith._keras import keras
 from edgesmith.data.datasets import ImageDataset
 from edgesmith.data.spec import PreprocessSpec
+from edgesmith.errors import RecipeError
+from edgesmith.optimize.check import preprocessed
 from edgesmith.optimize.finetune import (
     FineTuner,
     copy_model,
+    frozen_boundary,
     is_batchnorm,
     rewrap,
     tfmot,
@@ -103,12 +107,18 @@ def prune(model: keras.Model, data: ImageDataset, cfg: OptimizeConfig, *, spec: 
         The stripped model (plain layers, exact zeros) and a report: measured sparsity per pruned layer
         and overall, skipped layers with reasons, raw and gzip bytes of the stripped weights.
     """
-    tuner = tuner or FineTuner(model, data, cfg, spec=spec, seed=seed, mirror=mirror)
-    source = copy_model(model)
+    source, frozen = copy_model(model), {}
+    if cfg.prune_frozen and (cut := frozen_boundary(model, cfg)) >= 0:
+        frozen = prune_below_boundary(source, cut, cfg)
+        images, _ = preprocessed(data, spec, "train", cfg.recalibration_samples, seed)
+        recalibrate_batchnorm(source, model, cut, images)
+        tuner = None  # a shared tuner's cached activations are the unpruned lower part's
+    tuner = tuner or FineTuner(source, data, cfg, spec=spec, seed=seed, mirror=mirror)
     if tuner.cut < 0:
         unfreeze_all_but_batchnorm(source)
     total = tuner.steps_per_epoch() * cfg.prune_epochs
     wrapped, skipped = wrap_for_pruning(source, cfg, total, tuner.cut)
+    skipped = {name: reason for name, reason in skipped.items() if name not in frozen}
     tuner.run(wrapped, epochs=cfg.prune_epochs, learning_rate=cfg.prune_learning_rate,
               callbacks=[tfmot().sparsity.keras.UpdatePruningStep()], phase="prune")
     stripped = strip(wrapped)
@@ -117,9 +127,86 @@ def prune(model: keras.Model, data: ImageDataset, cfg: OptimizeConfig, *, spec: 
               "schedule": cfg.prune_schedule, "steps": total, "fine_tuned": tuner.describe(),
               **measure_sparsity(stripped, exclude=skipped)}
     report["skipped_layers"] = skipped
+    if frozen:
+        report["pruned_frozen_layers"] = frozen
     report.update(weight_bytes(stripped))
     report["latency_note"] = STRUCTURED_NOTE if structured else LATENCY_NOTE
     return stripped, report
+
+
+def prune_below_boundary(model: keras.Model, cut: int, cfg: OptimizeConfig) -> dict[str, str]:
+    """Zero the smallest-magnitude ``cfg.sparsity`` of each prunable kernel up to layer ``cut``, in place.
+
+    These layers are frozen (the fine-tune runs above them on cached activations), so they are pruned
+    in one shot, layer by layer, as tfmot's magnitude pruning ranks weights; the layers above then
+    fine-tune on the activations of the pruned lower part and learn to compensate. Returns
+    ``{layer name: how it was pruned}``.
+    """
+    if cfg.prune_structure != "unstructured":
+        raise RecipeError(f"optimize.prune_frozen: supports unstructured pruning only, not prune_structure = "
+                          f"{cfg.prune_structure!r}; set prune_frozen = false or prune_structure = \"unstructured\"")
+    pruned = {}
+    for layer in model.layers[: cut + 1]:
+        if not layer.weights or is_batchnorm(layer) or not prunable(layer):
+            continue
+        weights = layer.get_weights()
+        weights[0] = magnitude_pruned(weights[0], cfg.sparsity)
+        layer.set_weights(weights)
+        pruned[layer.name] = f"{type(layer).__name__}: below the freeze boundary, one-shot magnitude pruning"
+    log.info("pruned %d frozen layers below layer %d to %.0f%% in one shot", len(pruned), cut, cfg.sparsity * 100)
+    return pruned
+
+
+def recalibrate_batchnorm(pruned: keras.Model, original: keras.Model, cut: int, images: np.ndarray) -> list[str]:
+    """Restore, in ``pruned``, the per-channel output statistics every BatchNormalization up to ``cut`` had.
+
+    Pruning a frozen convolution shrinks and shifts its output, which the following (frozen,
+    inference-mode) BatchNormalization still normalizes with the old moving statistics, so the layers
+    above see other activations than they were trained on. Layer by layer from the input, each one's
+    moving mean and variance are set so that its output on ``images`` has the mean and variance per
+    channel that the original layer's output has (not the data's own statistics: the layers above were
+    fine-tuned on the original layer's output). Returns the names recalibrated.
+    """
+    names = []
+    for index, layer in enumerate(pruned.layers[: cut + 1]):
+        if not is_batchnorm(layer) or not layer.center or not layer.scale:
+            continue
+        new_mean, new_var = input_moments(pruned, layer, images)
+        old_mean, old_var = input_moments(original, original.layers[index], images)
+        mean, var = layer.moving_mean.numpy().astype(np.float64), layer.moving_variance.numpy().astype(np.float64)
+        eps = layer.epsilon
+        ratio = np.where(old_var > 1e-12, new_var / np.maximum(old_var, 1e-12), 1.0)
+        moved_var = np.maximum(ratio * (var + eps) - eps, 0.0)
+        moved_mean = new_mean - (old_mean - mean) * np.sqrt((moved_var + eps) / (var + eps))
+        layer.moving_mean.assign(moved_mean.astype(np.float32))
+        layer.moving_variance.assign(moved_var.astype(np.float32))
+        names.append(layer.name)
+    log.info("re-estimated %d BatchNormalization layers on %d images", len(names), len(images))
+    return names
+
+
+def input_moments(model: keras.Model, layer: keras.layers.Layer, images: np.ndarray,
+                  batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of ``layer``'s input over ``images`` (all positions)."""
+    probe = keras.Model(model.input, layer.input)
+    count, total, squares = 0, 0.0, 0.0
+    for start in range(0, len(images), batch_size):
+        batch = probe(images[start : start + batch_size], training=False).numpy().astype(np.float64)
+        axes = tuple(range(batch.ndim - 1))
+        count += int(np.prod([batch.shape[a] for a in axes]))
+        total, squares = total + batch.sum(axis=axes), squares + np.square(batch).sum(axis=axes)
+    mean = total / count
+    return mean, np.maximum(squares / count - np.square(mean), 0.0)
+
+
+def magnitude_pruned(kernel: np.ndarray, sparsity: float) -> np.ndarray:
+    """``kernel`` with its ``round(sparsity * size)`` smallest-magnitude weights set to exactly 0."""
+    count = int(round(sparsity * kernel.size))
+    if count == 0:
+        return kernel.copy()
+    flat = kernel.ravel().copy()
+    flat[np.argpartition(np.abs(flat), count - 1)[:count]] = 0
+    return flat.reshape(kernel.shape)
 
 
 def is_wrapper(layer: keras.layers.Layer) -> bool:
