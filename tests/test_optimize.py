@@ -93,7 +93,7 @@ def test_recalibration_restores_the_statistics_the_layers_above_were_trained_on(
         return out.mean(axis=(0, 1, 2)), out.var(axis=(0, 1, 2))
 
     (mean0, var0), (mean1, var1) = bn_output_moments(original), bn_output_moments(pruned)
-    assert np.max(np.abs(mean1 - mean0)) > 0.05  # pruning moved them ...
+    assert np.max(np.abs(mean1 - mean0)) > 0.05 or np.max(np.abs(var1 - var0)) > 0.05  # pruning moved them ...
     assert recalibrate_batchnorm(pruned, original, 4, inputs) == ["block0_bn"]
     mean2, var2 = bn_output_moments(pruned)  # ... recalibration puts them back
     np.testing.assert_allclose(mean2, mean0, atol=1e-3)
