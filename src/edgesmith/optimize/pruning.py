@@ -181,7 +181,7 @@ def recalibrate_batchnorm(pruned: keras.Model, original: keras.Model, cut: int, 
         layer.moving_mean.assign(moved_mean.astype(np.float32))
         layer.moving_variance.assign(moved_var.astype(np.float32))
         names.append(layer.name)
-    log.info("re-estimated %d BatchNormalization layers on %d images", len(names), len(images))
+    log.info("restored the output statistics of %d BatchNormalization layers on %d images", len(names), len(images))
     return names
 
 
